@@ -1,0 +1,70 @@
+"""FastAPI dependencies: accessors for what hangs on ``app.state`` and the role checks."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.errors import ApiError
+from server.services.auth import TokenAuthenticator
+from server.services.completions import CompletionService
+from server.store.tokens import Principal, Role
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> CompletionService:
+    return request.app.state.completion_service
+
+
+def _authenticator(request: Request) -> TokenAuthenticator:
+    return request.app.state.authenticator
+
+
+async def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise ApiError(
+            401,
+            "Missing bearer token: send 'Authorization: Bearer <token>' "
+            "(create one with `kaizen tokens create`).",
+            code="missing_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    principal = await _authenticator(request).authenticate(secret.strip())
+    if principal is None:
+        raise ApiError(
+            401,
+            "Invalid or revoked token.",
+            code="invalid_token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+def require_roles(*roles: Role):  # type: ignore[no-untyped-def]
+    """A dependency that admits only principals with one of ``roles``."""
+
+    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+        if principal.role not in roles:
+            allowed = ", ".join(r.value for r in roles)
+            raise ApiError(
+                403,
+                f"This endpoint needs a token with role {allowed}; "
+                f"this token has role {principal.role.value}.",
+                code="wrong_role",
+            )
+        return principal
+
+    return check
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[CompletionService, Depends(get_service)]
+AnyRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.CI, Role.OPS))]
+IdeRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.OPS))]

@@ -1,0 +1,15 @@
+"""``GET /v1/models``: the base model and the adapters loaded in the engine."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.api.deps import AnyRole, ServiceDep
+from server.api.protocol import ModelList
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(service: ServiceDep, _: AnyRole) -> ModelList:
+    return service.list_models()

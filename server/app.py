@@ -1,0 +1,78 @@
+"""The FastAPI application: wires settings, database, engine, recorder and routes together.
+
+Start-up refuses an un-migrated database, starts the recorder, and loads the engine in the
+background (``/readyz`` answers 503 until it is ready). Shutdown drains the recorder before the
+engine stops, so no record of a response already sent is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api.errors import install_error_handlers
+from server.api.main import api_router
+from server.config import Settings, get_settings
+from server.engine.base import Engine
+from server.services.auth import TokenAuthenticator
+from server.services.completions import CompletionService
+from server.services.recorder import Recorder
+from server.store.db import check_migrated, make_engine, make_session_factory
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The production engine: vLLM with the configured (or bundled) model."""
+    from server.engine.vllm_engine import VllmEngine
+
+    return VllmEngine.from_settings(settings)
+
+
+async def _start_engine(engine: Engine) -> None:
+    try:
+        await engine.start()
+        log.info("event=engine_ready model=%s", engine.model_name)
+    except Exception:
+        log.exception("event=engine_start_failed model=%s", engine.model_name)
+        raise
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app. Tests pass a fake ``engine``; by default vLLM is built from settings."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db_engine = make_engine(settings.database_url)
+        check_migrated(db_engine)
+        session_factory = make_session_factory(db_engine)
+        recorder = Recorder(session_factory)
+        recorder.start()
+        model_engine = engine or build_engine(settings)
+        app.state.settings = settings
+        app.state.session_factory = session_factory
+        app.state.recorder = recorder
+        app.state.authenticator = TokenAuthenticator(session_factory, settings.auth_cache_seconds)
+        app.state.completion_service = CompletionService(
+            engine=model_engine, recorder=recorder, settings=settings
+        )
+        app.state.engine_task = asyncio.create_task(_start_engine(model_engine))
+        try:
+            yield
+        finally:
+            await recorder.stop()
+            if not app.state.engine_task.done():
+                app.state.engine_task.cancel()
+            await model_engine.shutdown()
+            db_engine.dispose()
+            log.info("event=shutdown_complete")
+
+    app = FastAPI(title="Kaizen", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(api_router)
+    return app

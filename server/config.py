@@ -1,0 +1,88 @@
+"""Kaizen's settings: the one place that reads the environment (``KAIZEN_*``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOME = Path.home() / ".kaizen"
+
+
+class Settings(BaseSettings):
+    """Server settings. Every field can be set as ``KAIZEN_<FIELD>`` or in ``.env``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KAIZEN_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    # --- where things live
+    home: Path = Field(DEFAULT_HOME, description="Data directory (database, model cache).")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL; default: SQLite at $KAIZEN_HOME/kaizen.db."
+    )
+    model_cache: Path | None = Field(
+        None, description="Where the bundled model is prepared; default $KAIZEN_HOME/models."
+    )
+
+    # --- the model
+    model: str = Field(
+        "bundled",
+        description="'bundled' (Qwen2.5-Coder-0.5B-Instruct, prepared on first use) "
+        "or the path of a local Hugging Face model directory.",
+    )
+    served_model_name: str = Field(
+        "", description="Name clients use in `model`; default: the model's directory name."
+    )
+    adapters: dict[str, Path] = Field(
+        default_factory=dict,
+        description='LoRA adapters loaded at start, as JSON: {"name": "/path/to/adapter"}.',
+    )
+
+    # --- the engine (vLLM)
+    max_model_len: int = Field(2048, ge=64, description="Context length in tokens.")
+    max_loras: int = Field(2, ge=1, description="Adapters resident in one batch.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    dtype: str = Field("bfloat16", description="Model dtype (bfloat16 on CPU).")
+    kv_cache_gib: float = Field(2.0, gt=0, description="CPU KV-cache size in GiB.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = Field(False, description="Skip graph compilation (faster start).")
+
+    # --- the API
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_max_tokens: int = Field(
+        64, ge=1, description="max_tokens when a completion request gives none."
+    )
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a client may ask.")
+    max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    auth_cache_seconds: float = Field(
+        10.0, ge=0, description="How long a token check is cached (revocation delay)."
+    )
+    log_level: str = "info"
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'kaizen.db'}"
+        if self.model_cache is None:
+            self.model_cache = self.home / "models"
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                "KAIZEN_DEFAULT_MAX_TOKENS must not exceed KAIZEN_MAX_TOKENS_LIMIT "
+                f"({self.default_max_tokens} > {self.max_tokens_limit})"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

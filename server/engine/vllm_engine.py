@@ -1,0 +1,254 @@
+"""The production engine: vLLM's ``AsyncLLM`` in the server process, LoRA enabled from the start.
+
+vLLM runs its engine core (scheduler and model) in a child process of its own; this object is the
+front end the API talks to. Adapters get a fresh, never-reused integer id each time they are
+loaded, because vLLM caches adapter weights (and prefix-cache entries) by id and name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from server.config import Settings
+from server.engine.base import (
+    AdapterInfo,
+    ChoiceDelta,
+    EngineError,
+    EngineNotReadyError,
+    GenerationParams,
+    UnknownAdapterError,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRejectedError(ValueError):
+    """An adapter that cannot be served (missing, malformed, rank too large)."""
+
+
+def resolve_model_dir(settings: Settings) -> Path:
+    """The checkpoint directory to serve: the bundled model (prepared on first use) or a path."""
+    if settings.model == "bundled":
+        from server.model_prep import prepare_bundled_model
+
+        assert settings.model_cache is not None
+        return prepare_bundled_model(settings.model_cache)
+    path = Path(settings.model).expanduser()
+    if not (path / "config.json").is_file():
+        raise EngineError(
+            f"KAIZEN_MODEL={settings.model} is not a Hugging Face model directory "
+            "(no config.json). Use 'bundled' or a local checkpoint directory."
+        )
+    return path
+
+
+def served_name(settings: Settings) -> str:
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model == "bundled":
+        from server.model_prep import BUNDLED_MODEL_NAME
+
+        return BUNDLED_MODEL_NAME
+    return Path(settings.model).expanduser().name
+
+
+def read_adapter_rank(path: Path) -> int:
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterRejectedError(f"{path} is not a PEFT LoRA adapter (no adapter_config.json).")
+    try:
+        config: dict[str, Any] = json.loads(config_file.read_text())
+        return int(config["r"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterRejectedError(f"{config_file} is malformed: {exc}") from exc
+
+
+class VllmEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = served_name(settings)
+        self.max_model_len = settings.max_model_len
+        self.model_dir: Path | None = None
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._adapters: dict[str, tuple[LoRARequest, AdapterInfo]] = {}
+        self._ids = itertools.count(1)  # adapter ids are never reused
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VllmEngine:
+        return cls(settings)
+
+    # ---------------------------------------------------------------- life cycle
+
+    def _engine_args(self, model_dir: Path) -> Any:
+        from vllm import AsyncEngineArgs
+
+        s = self.settings
+        return AsyncEngineArgs(
+            model=str(model_dir),
+            served_model_name=[self.model_name],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            enable_lora=True,
+            max_loras=s.max_loras,
+            max_lora_rank=s.max_lora_rank,
+            enforce_eager=s.enforce_eager,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.model_dir = await asyncio.to_thread(resolve_model_dir, self.settings)
+        # vLLM's CPU backend sizes its KV cache from this variable, read in its engine process.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gib:g}")
+        log.info("event=engine_starting model=%s dir=%s", self.model_name, self.model_dir)
+        self._tokenizer = await asyncio.to_thread(
+            AutoTokenizer.from_pretrained, str(self.model_dir)
+        )
+        args = self._engine_args(self.model_dir)
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        for name, path in self.settings.adapters.items():
+            await self.add_adapter(name, path)
+
+    def is_ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    # ---------------------------------------------------------------- tokens
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise EngineNotReadyError("The model is still loading.")
+        return self._tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+
+    def special_token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            return None
+        return int(token_id)
+
+    # ---------------------------------------------------------------- adapters
+
+    def adapters(self) -> list[AdapterInfo]:
+        return [info for _, info in self._adapters.values()]
+
+    async def add_adapter(self, name: str, path: Path | str) -> AdapterInfo:
+        """Load a LoRA adapter under ``name``; refuses a name already in use."""
+        from vllm.lora.request import LoRARequest
+
+        if self._llm is None:
+            raise EngineNotReadyError("The engine is not running.")
+        if name in self._adapters or name == self.model_name:
+            raise AdapterRejectedError(
+                f"The name {name!r} is taken; every adapter version needs a new name."
+            )
+        path = Path(path).expanduser().resolve()
+        rank = read_adapter_rank(path)
+        if rank > self.settings.max_lora_rank:
+            raise AdapterRejectedError(
+                f"Adapter {name!r} has rank {rank}; the engine accepts at "
+                f"most {self.settings.max_lora_rank} "
+                "(KAIZEN_MAX_LORA_RANK)."
+            )
+        request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(path))
+        try:
+            await self._llm.add_lora(request)
+        except Exception as exc:
+            raise AdapterRejectedError(f"vLLM refused adapter {name!r} at {path}: {exc}") from exc
+        info = AdapterInfo(
+            name=name, path=str(path), meta={"rank": rank, "id": request.lora_int_id}
+        )
+        self._adapters[name] = (request, info)
+        log.info(
+            "event=adapter_loaded name=%s id=%d rank=%d path=%s",
+            name,
+            request.lora_int_id,
+            rank,
+            path,
+        )
+        return info
+
+    async def remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise UnknownAdapterError(f"No adapter named {name!r} is loaded.")
+        request, _ = self._adapters.pop(name)
+        if self._llm is not None:
+            await self._llm.remove_lora(request.lora_int_id)
+        log.info("event=adapter_removed name=%s id=%d", name, request.lora_int_id)
+
+    # ---------------------------------------------------------------- generation
+
+    async def generate(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        adapter: str | None,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        from vllm import SamplingParams
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            raise EngineNotReadyError("The model is still loading.")
+        lora = None
+        if adapter is not None:
+            if adapter not in self._adapters:
+                raise UnknownAdapterError(f"No adapter named {adapter!r} is loaded.")
+            lora = self._adapters[adapter][0]
+        sampling = SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            stop=list(params.stop) or None,
+            stop_token_ids=list(params.stop_token_ids) or None,
+            seed=params.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        try:
+            async for output in self._llm.generate(
+                tokens_input(prompt_token_ids), sampling, request_id, lora_request=lora
+            ):
+                yield [
+                    ChoiceDelta(
+                        index=o.index,
+                        text=o.text,
+                        token_count=len(o.token_ids),
+                        finish_reason=o.finish_reason,
+                        stop_reason=o.stop_reason,
+                    )
+                    for o in output.outputs
+                ]
+        except EngineDeadError as exc:
+            raise EngineError("The vLLM engine died; restart the server.") from exc

@@ -1,0 +1,503 @@
+"""The completion service: validates a request, builds the prompt, picks the adapter, runs the
+engine, shapes the response (JSON or server-sent events) and records the outcome.
+
+Every request that reaches the engine produces exactly one record, whether it completes, the
+client goes away (``aborted``) or the engine fails (``failed``): the record is submitted in the
+``finally`` of the one generator that drives the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from server.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorDetail,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    Usage,
+)
+from server.config import Settings
+from server.engine.base import (
+    ChoiceDelta,
+    Engine,
+    EngineNotReadyError,
+    GenerationParams,
+    UnknownAdapterError,
+)
+from server.errors import ApiError
+from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
+from server.services.recorder import Recorder
+from server.store.completions import ChoiceRecord, CompletionRecord
+from server.store.tokens import Principal
+
+log = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
+
+
+@dataclass
+class _Job:
+    """One request on its way through the engine, and the record it will leave."""
+
+    record: CompletionRecord
+    prompt_token_ids: list[int]
+    params: GenerationParams
+    started: float  # time.perf_counter() when the request arrived
+    include_usage: bool
+
+    @property
+    def usage(self) -> Usage:
+        done = self.record.completion_tokens
+        return Usage(
+            prompt_tokens=self.record.prompt_tokens,
+            completion_tokens=done,
+            total_tokens=self.record.prompt_tokens + done,
+        )
+
+
+class CompletionService:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        recorder: Recorder,
+        settings: Settings,
+        fim: FimFormat | None = None,
+    ) -> None:
+        self.engine = engine
+        self.recorder = recorder
+        self.settings = settings
+        self.fim = fim or FimFormat()
+
+    # ------------------------------------------------------------------ models
+
+    def list_models(self) -> ModelList:
+        cards = [ModelCard(id=self.engine.model_name, root=self.engine.model_name)]
+        cards += [
+            ModelCard(id=a.name, root=a.path, parent=self.engine.model_name)
+            for a in self.engine.adapters()
+        ]
+        return ModelList(data=cards)
+
+    def _resolve_adapter(self, model: str) -> str | None:
+        if model == self.engine.model_name:
+            return None
+        if any(a.name == model for a in self.engine.adapters()):
+            return model
+        raise ApiError(
+            404,
+            f"The model '{model}' does not exist. GET /v1/models lists the base "
+            "model and the adapters this server serves.",
+            param="model",
+            code="model_not_found",
+        )
+
+    # ------------------------------------------------------------- validation
+
+    def _check_ready(self) -> None:
+        if not self.engine.is_ready():
+            raise ApiError(
+                503,
+                "The model is still loading (or failed to load); retry when "
+                "GET /readyz answers 200.",
+                code="engine_not_ready",
+                headers={"Retry-After": "5"},
+            )
+
+    def _check_common(self, request: SamplingRequest) -> None:
+        if request.logprobs not in (None, False, 0):
+            raise ApiError(400, "logprobs is not supported by this server.", param="logprobs")
+        if request.n > self.settings.max_n:
+            raise ApiError(400, f"n must be at most {self.settings.max_n}.", param="n")
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
+        limit = self.settings.max_tokens_limit
+        context = self.engine.max_model_len
+        if prompt_tokens >= context:
+            raise ApiError(
+                400,
+                f"The prompt is {prompt_tokens} tokens long; this model's context "
+                f"is {context} tokens. Send less context.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return min(self.settings.default_max_tokens, context - prompt_tokens)
+        if requested > limit:
+            raise ApiError(
+                400,
+                f"max_tokens is {requested}; this server allows at most {limit}.",
+                param="max_tokens",
+            )
+        if prompt_tokens + requested > context:
+            total = prompt_tokens + requested
+            raise ApiError(
+                400,
+                f"This model's context is {context} tokens, but {total} "
+                f"were requested ({prompt_tokens} in the prompt, {requested} for the "
+                "completion). Reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def _end_token_ids(self) -> list[int]:
+        ids = (self.engine.special_token_id(t) for t in FIM_END_TOKENS)
+        return [i for i in ids if i is not None]
+
+    def _new_job(
+        self,
+        *,
+        request: SamplingRequest,
+        endpoint: str,
+        principal: Principal,
+        prompt_text: str,
+        prompt_ids: list[int],
+        max_tokens: int,
+        stop: list[str],
+        stop_token_ids: list[int],
+        started: float,
+        suffix: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> _Job:
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            n=request.n,
+            stop=tuple(stop),
+            stop_token_ids=tuple(stop_token_ids),
+            seed=request.seed,
+        )
+        prefix = "cmpl" if endpoint == "completions" else "chatcmpl"
+        context = request.context.model_dump() if request.context else {}
+        record = CompletionRecord(
+            id=f"{prefix}-{uuid.uuid4().hex}",
+            created_at=datetime.now(UTC),
+            token_id=principal.token_id,
+            endpoint=endpoint,
+            model=request.model,
+            adapter=self._resolve_adapter(request.model),
+            prompt=prompt_text,
+            suffix=suffix,
+            messages=messages,
+            stream=request.stream,
+            prompt_tokens=len(prompt_ids),
+            params={
+                "max_tokens": max_tokens,
+                "temperature": request.temperature,
+                "top_p": request.top_p,
+                "n": request.n,
+                "stop": stop,
+                "seed": request.seed,
+                **self._extra_params(request),
+            },
+            context=context,
+            choices=[ChoiceRecord(index=i) for i in range(request.n)],
+        )
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return _Job(
+            record=record,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            started=started,
+            include_usage=include_usage,
+        )
+
+    @staticmethod
+    def _extra_params(request: SamplingRequest) -> dict[str, Any]:
+        if isinstance(request, CompletionRequest):
+            return {"single_line": request.single_line}
+        return {}
+
+    # ------------------------------------------------------------ completions
+
+    def prepare_completion(self, request: CompletionRequest, principal: Principal) -> _Job:
+        started = time.perf_counter()
+        self._check_common(request)
+        if request.echo:
+            raise ApiError(400, "echo is not supported by this server.", param="echo")
+        if request.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported; use n.", param="best_of")
+        if isinstance(request.prompt, list):
+            if len(request.prompt) != 1:
+                raise ApiError(
+                    400,
+                    "Send one prompt per request (a list of prompts is not supported).",
+                    param="prompt",
+                )
+            prompt = request.prompt[0]
+        else:
+            prompt = request.prompt
+        suffix = request.suffix or None
+        if not prompt and not suffix:
+            raise ApiError(
+                400,
+                "The prompt is empty; send the text before the cursor "
+                "(and the text after it as suffix).",
+                param="prompt",
+            )
+        self._resolve_adapter(request.model)
+        self._check_ready()
+        stop = request.stop_list()
+        if suffix is not None:
+            if any(self.engine.special_token_id(t) is None for t in self.fim.tokens()):
+                raise ApiError(
+                    400,
+                    f"The model {self.engine.model_name} has no fill-in-the-middle "
+                    "tokens, so `suffix` is not supported.",
+                    param="suffix",
+                )
+            prompt_text = self.fim.build(prompt, suffix)
+            stop += suffix_stops(suffix)
+        else:
+            prompt_text = prompt
+        if request.single_line:
+            stop.append("\n")
+        prompt_ids = self.engine.tokenize(prompt_text)
+        max_tokens = self._max_tokens(request.max_tokens, len(prompt_ids))
+        return self._new_job(
+            request=request,
+            endpoint="completions",
+            principal=principal,
+            prompt_text=prompt,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            stop=stop,
+            stop_token_ids=self._end_token_ids(),
+            started=started,
+            suffix=suffix,
+        )
+
+    async def complete(self, job: _Job) -> CompletionResponse:
+        await self._drain(job)
+        return CompletionResponse(
+            id=job.record.id,
+            model=job.record.model,
+            usage=job.usage,
+            created=int(job.record.created_at.timestamp()),
+            choices=[
+                CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason)
+                for c in job.record.choices
+            ],
+        )
+
+    def stream_completion(self, job: _Job) -> AsyncIterator[str]:
+        created = int(job.record.created_at.timestamp())
+
+        def chunks(deltas: list[ChoiceDelta]) -> list[BaseModel]:
+            return [
+                CompletionResponse(
+                    id=job.record.id,
+                    model=job.record.model,
+                    created=created,
+                    choices=[
+                        CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason)
+                    ],
+                )
+                for d in deltas
+                if d.text or d.finish_reason
+            ]
+
+        def usage_chunk() -> BaseModel:
+            return CompletionResponse(
+                id=job.record.id,
+                model=job.record.model,
+                created=created,
+                choices=[],
+                usage=job.usage,
+            )
+
+        return self._stream(job, chunks, usage_chunk, first=None)
+
+    # ------------------------------------------------------------------- chat
+
+    def prepare_chat(self, request: ChatCompletionRequest, principal: Principal) -> _Job:
+        started = time.perf_counter()
+        self._check_common(request)
+        if not request.messages:
+            raise ApiError(400, "messages must not be empty.", param="messages")
+        self._resolve_adapter(request.model)
+        self._check_ready()
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        prompt_text = self.engine.apply_chat_template(messages)
+        prompt_ids = self.engine.tokenize(prompt_text)
+        requested = request.max_completion_tokens or request.max_tokens
+        max_tokens = self._max_tokens(requested, len(prompt_ids))
+        return self._new_job(
+            request=request,
+            endpoint="chat",
+            principal=principal,
+            prompt_text=prompt_text,
+            prompt_ids=prompt_ids,
+            max_tokens=max_tokens,
+            stop=request.stop_list(),
+            stop_token_ids=[],
+            started=started,
+            messages=messages,
+        )
+
+    async def chat(self, job: _Job) -> ChatCompletionResponse:
+        await self._drain(job)
+        return ChatCompletionResponse(
+            id=job.record.id,
+            model=job.record.model,
+            usage=job.usage,
+            created=int(job.record.created_at.timestamp()),
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=ChatMessageOut(content=c.text),
+                    finish_reason=c.finish_reason,
+                )
+                for c in job.record.choices
+            ],
+        )
+
+    def stream_chat(self, job: _Job) -> AsyncIterator[str]:
+        created = int(job.record.created_at.timestamp())
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> BaseModel:
+            return ChatCompletionChunk(
+                id=job.record.id,
+                model=job.record.model,
+                created=created,
+                choices=choices,
+                usage=usage,
+            )
+
+        def chunks(deltas: list[ChoiceDelta]) -> list[BaseModel]:
+            return [
+                chunk(
+                    [
+                        ChatChunkChoice(
+                            index=d.index,
+                            delta=ChatDelta(content=d.text),
+                            finish_reason=d.finish_reason,
+                        )
+                    ]
+                )
+                for d in deltas
+                if d.text or d.finish_reason
+            ]
+
+        first = [
+            chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(job.params.n)
+        ]
+        return self._stream(job, chunks, lambda: chunk([], job.usage), first=first)
+
+    # ---------------------------------------------------------------- running
+
+    async def _run(self, job: _Job) -> AsyncIterator[list[ChoiceDelta]]:
+        """Drive the engine for ``job``, keep its record current, and submit the record once."""
+        record = job.record
+        status, error = "failed", None
+        try:
+            async for deltas in self.engine.generate(
+                request_id=record.id,
+                prompt_token_ids=job.prompt_token_ids,
+                params=job.params,
+                adapter=record.adapter,
+            ):
+                if record.ttft_ms is None and any(d.token_count for d in deltas):
+                    record.ttft_ms = (time.perf_counter() - job.started) * 1000
+                for delta in deltas:
+                    choice = record.choices[delta.index]
+                    choice.text += delta.text
+                    choice.tokens += delta.token_count
+                    if delta.finish_reason is not None:
+                        choice.finish_reason = delta.finish_reason
+                yield deltas
+            aborted = any(c.finish_reason == "abort" for c in record.choices)
+            status = "aborted" if aborted else "completed"
+        except BaseException as exc:  # CancelledError/GeneratorExit: the client went away
+            if isinstance(exc, Exception):
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                status = "aborted"
+            raise
+        finally:
+            record.status = status
+            record.error = error
+            record.latency_ms = (time.perf_counter() - job.started) * 1000
+            self.recorder.submit(record)
+            log.info(
+                "event=completion id=%s status=%s adapter=%s prompt_tokens=%d "
+                "completion_tokens=%d ttft_ms=%s latency_ms=%.1f",
+                record.id,
+                status,
+                record.adapter,
+                record.prompt_tokens,
+                record.completion_tokens,
+                f"{record.ttft_ms:.1f}" if record.ttft_ms is not None else "-",
+                record.latency_ms,
+            )
+
+    async def _drain(self, job: _Job) -> None:
+        try:
+            async with aclosing(self._run(job)) as deltas:
+                async for _ in deltas:
+                    pass
+        except EngineNotReadyError as exc:
+            raise ApiError(503, str(exc), code="engine_not_ready") from exc
+        except UnknownAdapterError as exc:
+            raise ApiError(404, str(exc), param="model", code="model_not_found") from exc
+        except Exception as exc:
+            log.exception("event=generation_failed id=%s", job.record.id)
+            raise ApiError(500, f"Generation failed: {exc}", code="generation_failed") from exc
+
+    async def _stream(
+        self,
+        job: _Job,
+        chunks: Callable[[list[ChoiceDelta]], list[BaseModel]],
+        usage_chunk: Callable[[], BaseModel],
+        first: list[BaseModel] | None,
+    ) -> AsyncIterator[str]:
+        for payload in first or []:
+            yield sse(payload)
+        try:
+            async with aclosing(self._run(job)) as deltas:
+                async for batch in deltas:
+                    for payload in chunks(batch):
+                        yield sse(payload)
+            if job.include_usage:
+                yield sse(usage_chunk())
+        except Exception as exc:
+            # Headers are gone already: report the failure in-band, then end the stream.
+            log.exception("event=stream_failed id=%s", job.record.id)
+            yield sse(
+                ErrorResponse(
+                    error=ErrorDetail(
+                        message=f"Generation failed: {exc}",
+                        type="api_error",
+                        code="generation_failed",
+                    )
+                )
+            )
+        yield SSE_DONE

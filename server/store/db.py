@@ -1,0 +1,74 @@
+"""Database connection: engine and session factory, SQLite tuning, and the migration check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ALEMBIC_INI = REPO_ROOT / "alembic.ini"
+
+
+class DatabaseNotMigratedError(RuntimeError):
+    """The database schema is missing or older than this code expects."""
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout and its parent directory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = dbapi_conn.cursor()
+            # WAL lets readers (ops queries, the trainer) run while the server writes.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ALEMBIC_INI))
+    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    # ConfigParser treats '%' as interpolation; URLs may contain it (escaped passwords).
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations up to ``revision`` (``kaizen db upgrade``)."""
+    from alembic import command
+
+    make_engine(url).dispose()  # creates the SQLite directory if needed
+    command.upgrade(alembic_config(url), revision)
+
+
+def check_migrated(engine: Engine) -> None:
+    """Raise :class:`DatabaseNotMigratedError` unless the schema is at the latest revision."""
+    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    if current != head:
+        state = "has no Kaizen schema" if current is None else f"is at revision {current}"
+        raise DatabaseNotMigratedError(
+            f"The database {engine.url.render_as_string(hide_password=True)} {state}, "
+            f"this server needs revision {head}. Run `kaizen db upgrade` (or `make serve`, "
+            "which does it) and start again."
+        )

@@ -1,0 +1,151 @@
+"""A scripted engine for unit tests of the HTTP and service layers (no model, no vLLM).
+
+It tokenises one character per token, answers with ``reply(prompt_text, adapter, index)``
+character by character, and honours stop strings, stop tokens and max_tokens the way vLLM does
+(the stop string is cut off and ends the choice with ``finish_reason="stop"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from server.engine.base import AdapterInfo, ChoiceDelta, GenerationParams, UnknownAdapterError
+
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|file_sep|>",
+    "<|repo_name|>",
+]
+
+
+def default_reply(prompt: str, adapter: str | None, index: int) -> str:
+    return f"x = {index}  # {adapter or 'base'}\nreturn x\n"
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        reply: Callable[[str, str | None, int], str] = default_reply,
+        model_name: str = "fake-model",
+        max_model_len: int = 256,
+        token_delay: float = 0.0,
+        adapters: dict[str, str] | None = None,
+        fail_after: int | None = None,
+        ready: bool = True,
+    ) -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.reply = reply
+        self.token_delay = token_delay
+        self.fail_after = fail_after
+        self._adapters = dict(adapters or {"test-adapter": "/adapters/test"})
+        self._ready = ready
+        self.started = False
+        self.aborted: list[str] = []
+        self.requests: list[tuple[str, str | None, GenerationParams]] = []
+
+    async def start(self) -> None:
+        self.started = True
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        i = 0
+        while i < len(text):
+            special = next((s for s in SPECIALS if text.startswith(s, i)), None)
+            if special:
+                ids.append(1000 + SPECIALS.index(special))
+                i += len(special)
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return "".join(SPECIALS[i - 1000] if i >= 1000 else chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return turns + "<|im_start|>assistant\n"
+
+    def special_token_id(self, token: str) -> int | None:
+        return 1000 + SPECIALS.index(token) if token in SPECIALS else None
+
+    def adapters(self) -> list[AdapterInfo]:
+        return [AdapterInfo(name=n, path=p) for n, p in self._adapters.items()]
+
+    async def generate(
+        self,
+        *,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        adapter: str | None,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        if adapter is not None and adapter not in self._adapters:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
+        prompt = self.detokenize(prompt_token_ids)
+        self.requests.append((prompt, adapter, params))
+        texts = [self._finish(self.reply(prompt, adapter, i), params) for i in range(params.n)]
+        produced = 0
+        try:
+            for step in range(max(len(t[0]) for t in texts) + 1):
+                deltas = []
+                for index, (text, reason, stop_reason) in enumerate(texts):
+                    if step < len(text):
+                        last = step == len(text) - 1
+                        deltas.append(
+                            ChoiceDelta(
+                                index=index,
+                                text=text[step],
+                                token_count=1,
+                                finish_reason=reason if last else None,
+                                stop_reason=stop_reason if last else None,
+                            )
+                        )
+                    elif step == len(text) == 0:
+                        deltas.append(
+                            ChoiceDelta(
+                                index=index,
+                                text="",
+                                token_count=0,
+                                finish_reason=reason,
+                                stop_reason=stop_reason,
+                            )
+                        )
+                if not deltas:
+                    break
+                if self.fail_after is not None and produced >= self.fail_after:
+                    raise RuntimeError("engine failed (scripted)")
+                produced += 1
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                yield deltas
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request_id)
+            raise
+
+    @staticmethod
+    def _finish(text: str, params: GenerationParams) -> tuple[str, str, str | None]:
+        """Apply stops like vLLM: earliest stop string wins and is cut; else max_tokens."""
+        cut, hit = len(text), None
+        for stop in params.stop:
+            at = text.find(stop)
+            if at != -1 and at < cut:
+                cut, hit = at, stop
+        if cut > params.max_tokens:
+            return text[: params.max_tokens], "length", None
+        return text[:cut], "stop", hit
+
+    async def shutdown(self) -> None:
+        self.started = False
