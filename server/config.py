@@ -45,8 +45,10 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=64, description="Context length in tokens.")
     max_loras: int = Field(2, ge=1, description="Adapters resident in one batch.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")
+    max_cpu_loras: int = Field(8, ge=1, description="Adapters cached in CPU memory.")
+    seed: int = Field(0, description="Engine seed (sampling without a request seed).")
     dtype: str = Field("bfloat16", description="Model dtype (bfloat16 on CPU).")
-    kv_cache_gib: float = Field(2.0, gt=0, description="CPU KV-cache size in GiB.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache size in GiB (CPU only).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     enforce_eager: bool = Field(False, description="Skip graph compilation (faster start).")
 

@@ -8,10 +8,10 @@ loaded, because vLLM caches adapter weights (and prefix-cache entries) by id and
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +85,7 @@ class VllmEngine:
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._adapters: dict[str, tuple[LoRARequest, AdapterInfo]] = {}
         self._ids = itertools.count(1)  # adapter ids are never reused
+        self._ready = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VllmEngine:
@@ -94,8 +95,14 @@ class VllmEngine:
 
     def _engine_args(self, model_dir: Path) -> Any:
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
 
         s = self.settings
+        kv_cache_bytes = None
+        if current_platform.is_cpu():
+            # An explicit size (rather than the legacy whole-GiB VLLM_CPU_KVCACHE_SPACE, which
+            # wins when set) also lets the CPU worker skip its warm-up pass.
+            kv_cache_bytes = int(s.kv_cache_gib * 2**30)
         return AsyncEngineArgs(
             model=str(model_dir),
             served_model_name=[self.model_name],
@@ -104,9 +111,12 @@ class VllmEngine:
             enable_lora=True,
             max_loras=s.max_loras,
             max_lora_rank=s.max_lora_rank,
+            max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             enforce_eager=s.enforce_eager,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_bytes,
             disable_log_stats=True,
+            seed=s.seed,
         )
 
     async def start(self) -> None:
@@ -114,8 +124,6 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model_dir = await asyncio.to_thread(resolve_model_dir, self.settings)
-        # vLLM's CPU backend sizes its KV cache from this variable, read in its engine process.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.settings.kv_cache_gib:g}")
         log.info("event=engine_starting model=%s dir=%s", self.model_name, self.model_dir)
         self._tokenizer = await asyncio.to_thread(
             AutoTokenizer.from_pretrained, str(self.model_dir)
@@ -124,14 +132,19 @@ class VllmEngine:
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         for name, path in self.settings.adapters.items():
             await self.add_adapter(name, path)
+        self._ready = True
 
     def is_ready(self) -> bool:
-        return self._llm is not None and not self._llm.errored
+        return self._ready and self._llm is not None and not self._llm.errored
 
     async def shutdown(self) -> None:
+        self._ready = False
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+            # AsyncLLM.__del__ calls shutdown again; at interpreter exit that fails noisily.
+            del llm
+            gc.collect()
 
     # ---------------------------------------------------------------- tokens
 
@@ -226,6 +239,7 @@ class VllmEngine:
             if adapter not in self._adapters:
                 raise UnknownAdapterError(f"No adapter named {adapter!r} is loaded.")
             lora = self._adapters[adapter][0]
+        # tokens_input: the service has tokenised the prompt and checked its length already.
         sampling = SamplingParams(
             n=params.n,
             temperature=params.temperature,

@@ -88,8 +88,8 @@ def test_every_request_leaves_exactly_one_row(settings: Settings, auth, session_
 
             return await asyncio.gather(*(one(i, k) for i, k in enumerate(kinds)))
 
-    with live_server(create_app(settings, engine=engine)) as url:
-        expected = asyncio.run(run(url))
+    with live_server(create_app(settings, engine=engine)) as server:
+        expected = asyncio.run(run(server.url))
     # The server has shut down gracefully: its recorder has drained.
     with session_factory() as session:
         rows = {row.id: row.status for row in session.scalars(select(Completion))}
@@ -103,9 +103,9 @@ def test_non_streaming_client_that_hangs_up_aborts_the_generation(
     settings: Settings, auth, session_factory
 ) -> None:
     engine = FakeEngine(token_delay=0.05)
-    with live_server(create_app(settings, engine=engine)) as url:
+    with live_server(create_app(settings, engine=engine)) as server:
         try:
-            httpx.post(f"{url}/v1/completions", headers=auth["ide"], timeout=0.3,
+            httpx.post(f"{server.url}/v1/completions", headers=auth["ide"], timeout=0.3,
                        json={"model": "fake-model", "prompt": "x", "max_tokens": 40})
             raise AssertionError("the request should have timed out")
         except httpx.ReadTimeout:

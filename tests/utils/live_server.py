@@ -2,27 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
 from fastapi import FastAPI
 
+T = TypeVar("T")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run ``coro`` on the server's event loop (e.g. an engine method) and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
 
 @contextmanager
-def live_server(app: FastAPI, *, ready_timeout: float = 600.0) -> Iterator[str]:
-    """Serve ``app`` on 127.0.0.1 (a free port); yields the base URL once /readyz is 200.
+def live_server(app: FastAPI, *, ready_timeout: float = 600.0) -> Iterator[RunningServer]:
+    """Serve ``app`` on 127.0.0.1 (a free port); yields once /readyz answers 200.
 
-    Leaving the block asks uvicorn to shut down gracefully, as SIGTERM would.
+    Leaving the block asks uvicorn to shut down gracefully, as SIGTERM would, and waits for it.
     """
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=30
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(server.serve(),), name="live-server", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + ready_timeout
     while not server.started:
@@ -37,8 +55,13 @@ def live_server(app: FastAPI, *, ready_timeout: float = 600.0) -> Iterator[str]:
         while httpx.get(f"{url}/readyz").status_code != 200:
             if time.monotonic() > deadline:
                 raise TimeoutError("the engine did not become ready")
+            if app.state.engine_task.done() and app.state.engine_task.exception():
+                raise RuntimeError(
+                    "the engine failed to start"
+                ) from app.state.engine_task.exception()
             time.sleep(0.2)
-        yield url
+        yield RunningServer(url=url, loop=loop)
     finally:
         server.should_exit = True
         thread.join(timeout=120)
+        loop.close()

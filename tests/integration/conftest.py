@@ -1,0 +1,96 @@
+"""The real vLLM engine with a tiny random Qwen2 model and two LoRA adapters built by the tests.
+
+One server (uvicorn on loopback, the real app, the real engine) is shared by the tests of a
+module, since an engine takes ~15 s to start on two cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.config import Settings
+from server.store.db import make_engine, make_session_factory, upgrade
+from server.store.tokens import Role, create_token
+from tests.utils.live_server import RunningServer, live_server
+from tests.utils.tiny_model import build_random_lora, build_tiny_model
+
+
+@dataclass
+class TinyWorld:
+    model_dir: Path
+    lora_a: Path
+    lora_b: Path
+    lora_big: Path  # rank 32: over the engine's limit of 16
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = build_tiny_model(root / "model")
+    return TinyWorld(
+        model_dir=model_dir,
+        lora_a=build_random_lora(model_dir, root / "lora-a", seed=1),
+        lora_b=build_random_lora(model_dir, root / "lora-b", seed=2),
+        lora_big=build_random_lora(model_dir, root / "lora-big", rank=32, seed=3),
+    )
+
+
+def tiny_settings(home: Path, world: TinyWorld, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "home": home,
+        "database_url": f"sqlite:///{home / 'kaizen.db'}",
+        "model": str(world.model_dir),
+        "served_model_name": "tiny",
+        "adapters": {"lora-a": world.lora_a},
+        "max_model_len": 512,
+        "kv_cache_gib": 0.0625,
+        "enforce_eager": True,
+        "max_tokens_limit": 256,
+        "default_max_tokens": 16,
+        "auth_cache_seconds": 0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+@dataclass
+class LiveServer:
+    server: RunningServer
+    app: FastAPI
+    settings: Settings
+    headers: dict[str, dict[str, str]]  # per role
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def secret(self, role: str) -> str:
+        return self.headers[role]["Authorization"].removeprefix("Bearer ")
+
+
+@pytest.fixture(scope="module")
+def tiny_server(
+    tiny_world: TinyWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    home = tmp_path_factory.mktemp("home")
+    settings = tiny_settings(home, tiny_world)
+    upgrade(settings.database_url)
+    db = make_engine(settings.database_url)
+    with make_session_factory(db)() as session:
+        headers = {
+            role.value: {
+                "Authorization": "Bearer "
+                + create_token(session=session, name=role.value, role=role)[1]
+            }
+            for role in Role
+        }
+    db.dispose()
+    app = create_app(settings)
+    with live_server(app) as server:
+        yield LiveServer(server=server, app=app, settings=settings, headers=headers)
