@@ -20,6 +20,7 @@ from server.config import Settings, get_settings
 from server.engine.base import Engine
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
+from server.services.feedback import FeedbackService
 from server.services.recorder import Recorder
 from server.store.db import check_migrated, make_engine, make_session_factory
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.completion_service = CompletionService(
             engine=model_engine, recorder=recorder, settings=settings
         )
+        app.state.feedback_service = FeedbackService(session_factory)
         app.state.engine_task = asyncio.create_task(_start_engine(model_engine))
         try:
             yield

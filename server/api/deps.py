@@ -10,6 +10,7 @@ from server.config import Settings
 from server.errors import ApiError
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
+from server.services.feedback import FeedbackService
 from server.store.tokens import Principal, Role
 
 
@@ -19,6 +20,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_service(request: Request) -> CompletionService:
     return request.app.state.completion_service
+
+
+def get_feedback(request: Request) -> FeedbackService:
+    return request.app.state.feedback_service
 
 
 def _authenticator(request: Request) -> TokenAuthenticator:
@@ -66,5 +71,8 @@ def require_roles(*roles: Role):  # type: ignore[no-untyped-def]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
+FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 AnyRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.CI, Role.OPS))]
 IdeRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.OPS))]
+CiRole = Annotated[Principal, Depends(require_roles(Role.CI, Role.OPS))]
+OpsRole = Annotated[Principal, Depends(require_roles(Role.OPS))]

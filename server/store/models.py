@@ -5,12 +5,46 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, whatever the database keeps
+    (SQLite stores no zone; PostgreSQL does)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: Kaizen stores timezone-aware timestamps only")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as text: store them all in UTC without an offset.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -28,8 +62,8 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     # The first characters of the secret, so a person can tell tokens apart in a listing.
     prefix: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
 
 
 class Completion(Base):
@@ -38,7 +72,7 @@ class Completion(Base):
     __tablename__ = "completions"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"), index=True)
     endpoint: Mapped[str] = mapped_column(String(16))  # "completions" | "chat"
     model: Mapped[str] = mapped_column(String(200))  # what the client asked for
@@ -79,3 +113,78 @@ class CompletionChoice(Base):
     tokens: Mapped[int] = mapped_column(Integer, default=0)
 
     completion: Mapped[Completion] = relationship(back_populates="choices")
+
+
+class CompletionEvent(Base):
+    """What the developer did with a completion, as the IDE reported it."""
+
+    __tablename__ = "completion_events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # client-generated
+    completion_id: Mapped[str] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), index=True
+    )
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    type: Mapped[str] = mapped_column(String(32))
+    timestamp: Mapped[datetime] = mapped_column(UtcDateTime())
+    accepted_length: Mapped[int | None] = mapped_column(Integer)
+    text: Mapped[str | None] = mapped_column(Text)
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class LedgerEntry(Base):
+    """Where an accepted completion lives in a repository, and its text there now."""
+
+    __tablename__ = "ledger_entries"
+
+    completion_id: Mapped[str] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), primary_key=True
+    )
+    choice_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repository: Mapped[str] = mapped_column(String(512), index=True)
+    file_path: Mapped[str] = mapped_column(Text)
+    inserted_text: Mapped[str] = mapped_column(Text)
+    current_text: Mapped[str] = mapped_column(Text)
+    start_offset: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))  # "active" | "removed"
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class CiRun(Base):
+    """One CI run's report, stored as sent (``raw``) and in columns."""
+
+    __tablename__ = "ci_runs"
+
+    run_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    repository: Mapped[str] = mapped_column(String(512), index=True)
+    commit: Mapped[str] = mapped_column(String(64))
+    branch: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    tests: Mapped[list[Any]] = mapped_column(JSON)
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+    token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class CompletionOutcome(Base):
+    """A CI run's verdict on one completion, with the completion's text at CI time."""
+
+    __tablename__ = "completion_outcomes"
+    __table_args__ = (UniqueConstraint("run_id", "completion_id", "choice_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("ci_runs.run_id", ondelete="CASCADE"))
+    completion_id: Mapped[str] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), index=True
+    )
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    file_path: Mapped[str] = mapped_column(Text)
+    final_text: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    tests: Mapped[list[Any]] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

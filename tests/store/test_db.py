@@ -98,3 +98,11 @@ async def test_recorder_logs_a_refused_record_and_writes_the_rest(
     with session_factory() as session:
         assert count_completions(session=session) == 3
     assert "event=record_rejected" in caplog.text and '"id": "cmpl-1"' in caplog.text
+
+
+def test_migrations_match_the_models(db_url: str) -> None:
+    from alembic import command
+
+    from server.store.db import alembic_config
+
+    command.check(alembic_config(db_url))  # raises if the models need a new revision

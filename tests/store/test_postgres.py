@@ -43,6 +43,15 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
+def test_migrations_apply_and_match_the_models(pg_url: str) -> None:
+    from alembic import command
+
+    from server.store.db import alembic_config
+
+    upgrade(pg_url)
+    command.check(alembic_config(pg_url))
+
+
 def test_two_replicas_record_into_one_database(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     upgrade(pg_url)
     engine = make_engine(pg_url)

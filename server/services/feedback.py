@@ -1,0 +1,174 @@
+"""Feedback: IDE events, the ledger and CI outcomes in; a completion's history and stats out.
+
+The database work is synchronous SQLAlchemy, so each call runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.api.feedback_protocol import (
+    AdapterStatsOut,
+    CompletionDetailOut,
+    EventBatch,
+    EventOut,
+    EventsResponse,
+    LedgerBatch,
+    LedgerEntryOut,
+    LedgerList,
+    LedgerPutResponse,
+    OutcomeOut,
+    OutcomeReport,
+    OutcomeResponse,
+    StatsResponse,
+)
+from server.errors import ApiError
+from server.store import feedback as store
+from server.store.tokens import Principal
+
+LEDGER_DEFAULT_WINDOW = timedelta(days=30)
+
+
+def _all_unknown(ids: list[str], what: str) -> ApiError:
+    shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return ApiError(
+        404,
+        f"No {what} names a completion this server knows: {shown}. "
+        "Completion ids are the `id` of /v1/completions responses.",
+        param="completion_id",
+        code="unknown_completion",
+    )
+
+
+class FeedbackService:
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+
+    async def record_events(self, batch: EventBatch, principal: Principal) -> EventsResponse:
+        def work() -> store.EventsResult:
+            with self._session_factory() as session:
+                return store.save_events(
+                    session=session,
+                    token_id=principal.token_id,
+                    events=[e.model_dump() for e in batch.events],
+                )
+
+        result = await asyncio.to_thread(work)
+        if result.unknown_completion_ids and not result.stored and not result.duplicates:
+            raise _all_unknown(result.unknown_completion_ids, "event")
+        return EventsResponse(
+            stored=result.stored,
+            duplicates=result.duplicates,
+            unknown_completion_ids=result.unknown_completion_ids,
+        )
+
+    async def put_ledger(self, batch: LedgerBatch) -> LedgerPutResponse:
+        def work() -> store.LedgerResult:
+            with self._session_factory() as session:
+                return store.upsert_ledger(
+                    session=session, entries=[e.model_dump() for e in batch.entries]
+                )
+
+        result = await asyncio.to_thread(work)
+        if result.unknown_completion_ids and not result.stored:
+            raise _all_unknown(result.unknown_completion_ids, "ledger entry")
+        return LedgerPutResponse(
+            stored=result.stored, unknown_completion_ids=result.unknown_completion_ids
+        )
+
+    async def get_ledger(self, repository: str, since: datetime | None) -> LedgerList:
+        since = since or datetime.now(UTC) - LEDGER_DEFAULT_WINDOW
+
+        def work() -> list[LedgerEntryOut]:
+            with self._session_factory() as session:
+                rows = store.active_ledger(session=session, repository=repository, since=since)
+                return [LedgerEntryOut.model_validate(row) for row in rows]
+
+        data = await asyncio.to_thread(work)
+        return LedgerList(data=data, count=len(data))
+
+    async def record_outcome(self, report: OutcomeReport, principal: Principal) -> OutcomeResponse:
+        raw = report.model_dump(mode="json")
+        run = report.model_dump(exclude={"completions"})
+        run["tests"] = raw["tests"]
+
+        def work() -> store.OutcomeResult:
+            with self._session_factory() as session:
+                return store.save_outcome(
+                    session=session,
+                    run=run,
+                    raw=raw,
+                    token_id=principal.token_id,
+                    completions=[c.model_dump() for c in report.completions],
+                )
+
+        result = await asyncio.to_thread(work)
+        return OutcomeResponse(
+            run_id=report.run_id,
+            duplicate=result.duplicate,
+            completions=result.completions,
+            unknown_completion_ids=result.unknown_completion_ids,
+        )
+
+    async def completion(self, completion_id: str) -> CompletionDetailOut:
+        def work() -> CompletionDetailOut | None:
+            with self._session_factory() as session:
+                detail = store.completion_detail(session=session, completion_id=completion_id)
+                if detail is None:
+                    return None
+                out = CompletionDetailOut.model_validate(detail.completion)
+                out.events = [EventOut.model_validate(e) for e in detail.events]
+                out.ledger = [LedgerEntryOut.model_validate(e) for e in detail.ledger]
+                out.outcomes = [
+                    OutcomeOut(
+                        run_id=run.run_id,
+                        repository=run.repository,
+                        commit=run.commit,
+                        run_status=run.status,
+                        status=o.status,
+                        choice_index=o.choice_index,
+                        file_path=o.file_path,
+                        final_text=o.final_text,
+                        tests=o.tests,
+                        received_at=run.received_at,
+                    )
+                    for o, run in detail.outcomes
+                ]
+                return out
+
+        out = await asyncio.to_thread(work)
+        if out is None:
+            raise ApiError(
+                404,
+                f"No completion with id {completion_id!r}.",
+                param="completion_id",
+                code="unknown_completion",
+            )
+        return out
+
+    async def stats(self, since: datetime | None, until: datetime | None) -> StatsResponse:
+        until = until or datetime.now(UTC)
+        since = since or until - timedelta(days=7)
+        if since >= until:
+            raise ApiError(400, "`since` must be before `until`.", param="since")
+
+        def work() -> list[AdapterStatsOut]:
+            with self._session_factory() as session:
+                return [
+                    AdapterStatsOut(
+                        adapter=s.adapter,
+                        completions=s.completions,
+                        shown=s.shown,
+                        accepted=s.accepted,
+                        acceptance_rate=s.acceptance_rate,
+                        with_outcome=s.with_outcome,
+                        passed=s.passed,
+                        ci_pass_rate=s.ci_pass_rate,
+                    )
+                    for s in store.adapter_stats(session=session, since=since, until=until)
+                ]
+
+        return StatsResponse(since=since, until=until, data=await asyncio.to_thread(work))
