@@ -54,7 +54,9 @@ async def _chat(client: httpx.AsyncClient, i: int) -> tuple[str, str]:
 
 
 async def _stream(client: httpx.AsyncClient, i: int, hang_up: bool) -> tuple[str, str]:
-    body = {"model": "fake-model", "prompt": f"s{i}", "max_tokens": 20, "stream": True}
+    # A hung-up stream is long (200 tokens, ~1 s) so it cannot finish before the client leaves.
+    max_tokens = 200 if hang_up else 20
+    body = {"model": "fake-model", "prompt": f"s{i}", "max_tokens": max_tokens, "stream": True}
     completion_id = ""
     async with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -69,7 +71,7 @@ async def _stream(client: httpx.AsyncClient, i: int, hang_up: bool) -> tuple[str
 
 
 def test_every_request_leaves_exactly_one_row(settings: Settings, auth, session_factory) -> None:
-    engine = FakeEngine(token_delay=0.01)
+    engine = FakeEngine(token_delay=0.005, reply=lambda prompt, adapter, i: "x = 1\n" * 100)
     rng = random.Random(7)
     kinds = rng.choices(["plain", "fim", "chat", "stream", "hangup"], k=200)
 
