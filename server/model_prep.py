@@ -198,7 +198,7 @@ def prepare_bundled_model(
             gguf_path.unlink()
             stage = "install"
             _write_marker(staging, parts=parts, gguf_sha256=gguf_sha256)
-            _fsync_tree(staging)
+            _finish_files(staging)
             _install(staging, model_dir, trash=work / "previous")
         except ModelPrepareError as exc:
             log.error("event=model_prepare_failed stage=%s", stage)
@@ -469,7 +469,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, progress: bool = True)
 
         step("save")
         model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        # The GGUF tokenizer comes back with an unbounded model_max_length; use the model's.
+        tokenizer.model_max_length = config.max_position_embeddings
+        # The chat template goes into tokenizer_config.json (the format every transformers and
+        # vLLM version reads) rather than transformers 5's separate chat_template.jinja.
+        tokenizer.save_pretrained(out_dir, save_jinja_files=False)
         del model
         _fix_config(out_dir / "config.json", architecture)
         steps.update()
@@ -526,10 +530,9 @@ def _verify_checkpoint(out_dir: Path, architecture: str) -> None:
         raise ModelPrepareError(f"config.json names {config.get('architectures')!r}.")
     if not any(out_dir.glob("*.safetensors")):
         raise ModelPrepareError(f"No safetensors weights were written to {out_dir}.")
-    # transformers 5 writes the template to chat_template.jinja, older ones into
-    # tokenizer_config.json; either way the reloaded tokenizer must have it.
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    if not tokenizer.chat_template:
+    if not tokenizer_config.get("chat_template") or not tokenizer.chat_template:
         raise ModelPrepareError("The saved tokenizer has no chat template.")
     for token in FIM_TOKENS:
         ids = tokenizer.encode(token, add_special_tokens=False)
@@ -590,17 +593,34 @@ def _install(staging: Path, model_dir: Path, *, trash: Path) -> None:
     _fsync_dir(model_dir.parent)
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush the checkpoint to disk before the rename publishes it, so a power cut cannot leave a
-    published directory with empty files."""
-    for path in root.rglob("*"):
-        if path.is_file():
+def _finish_files(root: Path) -> None:
+    """Make the checkpoint readable as the umask allows and flush it to disk before the rename
+    publishes it.
+
+    save_pretrained writes the weights through a private (0600) temporary file, which a server
+    running as another user (a shared cache, a container volume) could not read. The fsync means
+    a power cut cannot leave a published directory with empty files.
+    """
+    # The umask, read without os.umask (which would change it process-wide, racing other threads).
+    probe = root / ".umask-probe"
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o666
+    probe.unlink()
+    dir_mode = file_mode | (file_mode & 0o444) >> 2  # x wherever r
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(dir_mode)
+        else:
+            path.chmod(file_mode)
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(root)
+    for path in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
+        _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -3,6 +3,7 @@ each role, and a test client over the app with the fake engine."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,18 @@ from server.config import Settings
 from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from tests.utils.fake_engine import FakeEngine
+
+
+@pytest.fixture(scope="session")
+def bundled_model_cache() -> Path:
+    """Where tests prepare the bundled model: KAIZEN_TEST_MODEL_CACHE, else the same cache
+    `make serve` uses ($KAIZEN_HOME/models), so it is downloaded and converted only once."""
+    override = os.environ.get("KAIZEN_TEST_MODEL_CACHE")
+    if override:
+        return Path(override).expanduser()
+    cache = Settings().model_cache
+    assert cache is not None
+    return cache
 
 
 @pytest.fixture

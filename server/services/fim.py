@@ -8,6 +8,7 @@ repeating the suffix's first non-blank line.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 FIM_PREFIX = "<|fim_prefix|>"
@@ -42,22 +43,39 @@ class FimFormat:
 
 
 def suffix_stops(suffix: str) -> list[str]:
-    """Stop strings that catch the model repeating ``suffix``.
+    """Stop strings that catch the model running into the suffix.
 
-    The exact form is the suffix up to the end of its first non-blank line (leading newline and
-    indentation included), so the cut lands exactly where the suffix begins. The loose form is
-    that line without its indentation, for a model that re-indents; it is used only when long
-    enough to be specific.
+    Three forms, most specific first (vLLM stops at whichever matches first):
+
+    - exact: the suffix up to the end of its first non-blank line, leading newlines and
+      indentation included, so the cut lands exactly where the suffix begins;
+    - loose: that line without its indentation, for a model that re-indents;
+    - head: a new line that starts like the suffix's first line (``"\nprint("`` for
+      ``print(add(1, 2))``), for a model that goes on to write similar code rather than repeat the
+      suffix verbatim.
+
+    The loose and head forms are used only when at least four characters long: shorter ones
+    (``}``, ``end``) occur too often in code to stop on.
     """
     stops: list[str] = []
     offset = 0
     for line in suffix.splitlines(keepends=True):
         if line.strip():
-            exact = suffix[: offset + len(line.rstrip("\r\n"))]
-            stops.append(exact)
-            loose = line.strip()
-            if len(loose) >= MIN_LOOSE_MARKER and loose != exact:
-                stops.append(loose)
+            body = line.rstrip("\r\n")
+            stops.append(suffix[: offset + len(body)])
+            loose = body.strip()
+            indent = body[: len(body) - len(body.lstrip())]
+            head = _HEAD.match(loose)
+            candidates = [loose]
+            if head:
+                candidates.append("\n" + indent + head.group(0))
+            for candidate in candidates:
+                if len(candidate.strip()) >= MIN_LOOSE_MARKER and candidate not in stops:
+                    stops.append(candidate)
             break
         offset += len(line)
     return stops
+
+
+# The start of a line of code up to its first bracket or space: "print(", "return ", "self.x ".
+_HEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*[(\[ ]")

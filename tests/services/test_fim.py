@@ -14,10 +14,11 @@ def test_prompt_format() -> None:
 @pytest.mark.parametrize(
     ("suffix", "stops"),
     [
-        ("\n    return y\n", ["\n    return y", "return y"]),
-        ("\n\n\nprint(x)", ["\n\n\nprint(x)", "print(x)"]),
-        ("return y", ["return y"]),  # exact and loose coincide
-        (")\n", [")"]),  # too short for a loose marker, exact only
+        ("\n    return y\n", ["\n    return y", "return y", "\n    return "]),
+        ("\n\n\nprint(add(1, 2))", ["\n\n\nprint(add(1, 2))", "print(add(1, 2))", "\nprint("]),
+        ("return y", ["return y", "\nreturn "]),  # exact and loose coincide
+        ("x(", ["x("]),  # loose and head forms too short
+        (")\n", [")"]),  # nothing but the exact form
         ("\n}\n", ["\n}"]),
         ("", []),
         ("\n \n", []),
@@ -33,3 +34,11 @@ def test_cut_at_exact_stop_restores_the_file() -> None:
     stop = suffix_stops(suffix)[0]
     middle = generated[: generated.index(stop)]
     assert prefix + middle + suffix == "def add(a, b):\n    y = a + b\n    return y\n"
+
+
+def test_head_stop_catches_a_model_writing_new_code_instead_of_the_suffix() -> None:
+    # Seen with Qwen2.5-Coder-0.5B-Instruct: it wrote `print(add(5` instead of the suffix.
+    generated = "a + b\n\nprint(add(5"
+    stops = suffix_stops("\n\n\nprint(add(1, 2))\n")
+    cut = min((generated.find(s) for s in stops if s in generated), default=len(generated))
+    assert generated[:cut] == "a + b\n"

@@ -102,7 +102,6 @@ async def test_recorder_logs_a_refused_record_and_writes_the_rest(
 
 def test_migrations_match_the_models(db_url: str) -> None:
     from alembic import command
-
     from server.store.db import alembic_config
 
     command.check(alembic_config(db_url))  # raises if the models need a new revision

@@ -45,7 +45,6 @@ def pg_url() -> Iterator[str]:
 
 def test_migrations_apply_and_match_the_models(pg_url: str) -> None:
     from alembic import command
-
     from server.store.db import alembic_config
 
     upgrade(pg_url)
