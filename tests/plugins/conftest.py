@@ -58,6 +58,10 @@ def kaizen_server() -> Iterator[FakeKaizen]:
         yield state
 
 
+# Plugins the projects do not need: leaving them out halves each subprocess's start-up.
+QUIET_PLUGINS = ["-p", "no:cacheprovider", "-p", "no:asyncio", "-p", "no:anyio", "-p", "no:timeout"]
+
+
 @dataclass
 class Run:
     """A finished subprocess."""
@@ -72,7 +76,7 @@ class Run:
         return self.stdout + self.stderr
 
 
-CALC = '''\
+CALC = """\
 def add(a, b):
     return a + b
 
@@ -83,7 +87,7 @@ def sub(a, b):
 
 def mul(a, b):
     return a * b
-'''
+"""
 
 
 class Project:
@@ -143,7 +147,7 @@ class Project:
 
     def pytest(self, *args: str, env: Mapping[str, str] | None = None) -> Run:
         """Run pytest here in a subprocess (plugins load from their entry points)."""
-        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args]
+        command = [sys.executable, "-m", "pytest", *QUIET_PLUGINS, "-rA", *args]
         return self._run(command, env, timeout=60)
 
     def kaizen_report(self, *args: str, env: Mapping[str, str] | None = None) -> Run:

@@ -145,7 +145,10 @@ def test_flush_moves_refused_reports_aside(tmp_path: Path, kaizen_server: FakeKa
     result = spool.flush(KaizenClient(kaizen_server.url, kaizen_server.token), warn=warnings.append)
     assert (result.sent, result.rejected) == (1, 2)
     assert kaizen_server.run_ids == ["good"]
-    assert sorted(p.name for p in spool.rejected_directory.iterdir()) == ["bad.json", "garbage.json"]
+    assert sorted(p.name for p in spool.rejected_directory.iterdir()) == [
+        "bad.json",
+        "garbage.json",
+    ]
     assert len(warnings) == 2 and any("422" in w for w in warnings)
 
 
@@ -188,7 +191,10 @@ def test_deliver_respects_its_budget(tmp_path: Path, kaizen_server: FakeKaizen) 
     kaizen_server.delay = 2.0
     started = time.monotonic()
     result = deliver(
-        KaizenClient(kaizen_server.url, kaizen_server.token), report("r"), Spool(tmp_path), budget=0.5
+        KaizenClient(kaizen_server.url, kaizen_server.token),
+        report("r"),
+        Spool(tmp_path),
+        budget=0.5,
     )
     assert time.monotonic() - started < 1.5
     assert not result.sent and result.spooled_to is not None

@@ -32,7 +32,9 @@ def by_id(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["completion_id"]: c for c in report["completions"]}
 
 
-def test_passing_test_attributes_the_completion(project: Project, kaizen_server: FakeKaizen) -> None:
+def test_passing_test_attributes_the_completion(
+    project: Project, kaizen_server: FakeKaizen
+) -> None:
     project.write_ledger(ledger_entry("cmpl-add", "return a + b"))
     project.write("tests/test_calc.py", TEST_ADD)
     run = project.pytest(env=env_for(kaizen_server))
@@ -143,7 +145,7 @@ def test_unexecuted_completion_falls_back_to_the_run_status(
     assert statuses["test_sub_is_wrong"][0] == "failed"
     assert statuses["test_error"][0] == "error"
     assert "fixture exploded" in statuses["test_error"][1]
-    assert statuses["test_skipped"] == ("skipped", "not today")
+    assert statuses["test_skipped"] == ("skipped", "Skipped: not today")
     assert "kaizen: reported run" in run.stdout and "(1 passed, 1 failed)" in run.stdout
 
 
@@ -221,7 +223,7 @@ def test_off_without_a_url(project: Project, kaizen_server: FakeKaizen) -> None:
     project.write("tests/test_calc.py", TEST_ADD)
     run = project.pytest()
     assert run.returncode == 0, run.output
-    assert "kaizen" not in run.output.lower().replace("calc-project", "")
+    assert "kaizen:" not in run.output
     assert not (project.path / ".kaizen" / "spool").exists()
     assert kaizen_server.requests == []
 
@@ -266,3 +268,28 @@ def test_no_tests_no_report(project: Project, kaizen_server: FakeKaizen) -> None
     assert run.returncode == 0, run.output
     assert kaizen_server.reports == []
     assert "kaizen: no tests ran; nothing reported" in run.stdout
+
+
+def test_sessions_inside_a_reporting_session_do_not_report(
+    project: Project, kaizen_server: FakeKaizen
+) -> None:
+    project.write_ledger(ledger_entry("cmpl-add", "return a + b"))
+    project.write("conftest.py", 'pytest_plugins = ["pytester"]\n')
+    project.write(
+        "tests/test_nested.py",
+        """\
+        from calc import add
+
+
+        def test_inner_sessions(pytester):
+            pytester.makepyfile("def test_inner():\\n    pass\\n")
+            pytester.runpytest().assert_outcomes(passed=1)
+            pytester.runpytest_subprocess().assert_outcomes(passed=1)
+            assert add(1, 1) == 2
+        """,
+    )
+    run = project.pytest(env=env_for(kaizen_server))
+    assert run.returncode == 0, run.output
+    report = only_report(kaizen_server)
+    assert [t["name"] for t in report["tests"]] == ["tests/test_nested.py::test_inner_sessions"]
+    assert by_id(report)["cmpl-add"]["tests"] == ["tests/test_nested.py::test_inner_sessions"]
