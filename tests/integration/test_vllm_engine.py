@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,6 +15,7 @@ from server.engine.vllm_engine import AdapterRejectedError, VllmEngine
 from server.store.db import make_engine, make_session_factory
 from server.store.models import Completion
 from tests.integration.conftest import LiveServer, TinyWorld
+from tests.utils.traffic import random_kinds, run_traffic
 
 pytestmark = pytest.mark.engine
 
@@ -213,3 +215,28 @@ def test_adapters_load_at_runtime_and_bad_ones_are_refused(
         .text
         == before
     )
+
+
+def test_mixed_traffic_with_hang_ups_leaves_one_row_per_request(tiny_server: LiveServer) -> None:
+    kinds = random_kinds(60, seed=11)
+    expected = dict(
+        asyncio.run(
+            run_traffic(
+                tiny_server.url,
+                tiny_server.headers["ide"],
+                kinds,
+                model="tiny",
+                adapter="lora-a",
+                concurrency=8,
+            )
+        )
+    )
+    rows = _rows(tiny_server, list(expected), timeout=30)
+    assert {cid: row.status for cid, row in rows.items()} == expected
+    assert list(expected.values()).count("aborted") == kinds.count("hangup") > 0
+    engine = _engine(tiny_server)
+    assert engine._llm is not None
+    deadline = time.monotonic() + 10
+    while engine._llm.get_num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine._llm.get_num_unfinished_requests() == 0
