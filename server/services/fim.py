@@ -25,6 +25,7 @@ FIM_END_TOKENS = (
     FIM_SUFFIX,
     FIM_MIDDLE,
 )
+BLOCK_END = "\n\n"
 # A loose marker shorter than this ("}", "end") occurs too often in code to stop on.
 MIN_LOOSE_MARKER = 4
 
@@ -55,7 +56,9 @@ def suffix_stops(suffix: str) -> list[str]:
       suffix verbatim.
 
     The loose and head forms are used only when at least four characters long: shorter ones
-    (``}``, ``end``) occur too often in code to stop on.
+    (``}``, ``end``) occur too often in code to stop on. A blank suffix (the cursor at the end of
+    the file) gives nothing to run into, so the completion stops at the first blank line instead:
+    the end of the block being written.
     """
     stops: list[str] = []
     offset = 0
@@ -74,7 +77,7 @@ def suffix_stops(suffix: str) -> list[str]:
                     stops.append(candidate)
             break
         offset += len(line)
-    return stops
+    return stops or [BLOCK_END]
 
 
 # The start of a line of code up to its first bracket or space: "print(", "return ", "self.x ".

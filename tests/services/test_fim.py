@@ -20,8 +20,8 @@ def test_prompt_format() -> None:
         ("x(", ["x("]),  # loose and head forms too short
         (")\n", [")"]),  # nothing but the exact form
         ("\n}\n", ["\n}"]),
-        ("", []),
-        ("\n \n", []),
+        ("", ["\n\n"]),  # nothing to run into: stop at the end of the block
+        ("\n \n", ["\n\n"]),
     ],
 )
 def test_suffix_stops(suffix: str, stops: list[str]) -> None:
