@@ -31,6 +31,7 @@ serve: install
 	$(KAIZEN) serve
 
 test: install
+	cd plugins/vscode && npm ci --no-audit --no-fund --loglevel=error && npm test
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: install
