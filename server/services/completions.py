@@ -93,6 +93,7 @@ class CompletionService:
         self.recorder = recorder
         self.settings = settings
         self.fim = fim or FimFormat()
+        self._end_ids: list[int] | None = None
 
     # ------------------------------------------------------------------ models
 
@@ -167,8 +168,11 @@ class CompletionService:
         return requested
 
     def _end_token_ids(self) -> list[int]:
-        ids = (self.engine.special_token_id(t) for t in FIM_END_TOKENS)
-        return [i for i in ids if i is not None]
+        # Looked up once the engine's tokenizer is loaded, not on every request.
+        if self._end_ids is None:
+            ids = (self.engine.special_token_id(t) for t in FIM_END_TOKENS)
+            self._end_ids = [i for i in ids if i is not None]
+        return self._end_ids
 
     def _new_job(
         self,
@@ -182,6 +186,7 @@ class CompletionService:
         stop: list[str],
         stop_token_ids: list[int],
         started: float,
+        adapter: str | None,
         suffix: str | None = None,
         messages: list[dict[str, Any]] | None = None,
     ) -> _Job:
@@ -202,7 +207,7 @@ class CompletionService:
             token_id=principal.token_id,
             endpoint=endpoint,
             model=request.model,
-            adapter=self._resolve_adapter(request.model),
+            adapter=adapter,
             prompt=prompt_text,
             suffix=suffix,
             messages=messages,
@@ -262,7 +267,7 @@ class CompletionService:
                 "(and the text after it as suffix).",
                 param="prompt",
             )
-        self._resolve_adapter(request.model)
+        adapter = self._resolve_adapter(request.model)
         self._check_ready()
         stop = request.stop_list()
         if suffix is not None:
@@ -291,6 +296,7 @@ class CompletionService:
             stop=stop,
             stop_token_ids=self._end_token_ids(),
             started=started,
+            adapter=adapter,
             suffix=suffix,
         )
 
@@ -342,7 +348,7 @@ class CompletionService:
         self._check_common(request)
         if not request.messages:
             raise ApiError(400, "messages must not be empty.", param="messages")
-        self._resolve_adapter(request.model)
+        adapter = self._resolve_adapter(request.model)
         self._check_ready()
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_text = self.engine.apply_chat_template(messages)
@@ -359,6 +365,7 @@ class CompletionService:
             stop=request.stop_list(),
             stop_token_ids=[],
             started=started,
+            adapter=adapter,
             messages=messages,
         )
 
