@@ -1,4 +1,5 @@
 """The training loop: recorded outcomes to preference pairs, selection, DPO training and evaluation.
 
-Built in the trainer issue; nothing here runs yet.
+So far: ``sandbox`` (the one executor for untrusted code), ``records`` (training material from
+the database), ``pairs`` (execution-verified preference pairs) and ``selection`` (CDAS).
 """

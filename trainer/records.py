@@ -1,0 +1,139 @@
+"""Training material from the database: one record per CI verdict on a completion, read-only.
+
+The server keeps what it served (``completions``, ``completion_choices``) apart from what CI
+later said about it (``ci_runs``, ``completion_outcomes``). The trainer wants them joined: for
+each outcome, the context the model saw (prompt and suffix), the text it served, the text CI
+actually ran (``final_text``: the developer may have edited it) and the verdict.
+
+A completion that failed and that the developer then edited into passing code has two outcomes
+(``failed`` with the original text, ``passed`` with the fix, see ``plugins/PROTOCOL.md``). The
+failed record carries the fix as ``fixed_text`` so that the pair builder can pair them directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from sqlalchemy import and_, select
+from sqlalchemy.orm import Session
+
+from server.store.models import CiRun, Completion, CompletionChoice, CompletionOutcome
+
+__all__ = ["FAILING", "PASSING", "OutcomeRecord", "context_key", "load_outcome_records"]
+
+PASSING = frozenset({"passed"})
+# "error" is not a verdict on the code (interrupted run, no tests collected, killed by a
+# signal: see the pytest plugin and kaizen-report), so it is neither passing nor failing.
+FAILING = frozenset({"failed", "build_failed"})
+
+
+def context_key(prompt: str, suffix: str | None) -> str:
+    """Identity of what the model was asked: the same prompt and suffix give the same key."""
+    return hashlib.sha256(f"{prompt}\0{suffix or ''}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    """One CI verdict on one choice of one completion, with everything the trainer needs."""
+
+    completion_id: str
+    choice_index: int
+    context_key: str
+    endpoint: str  # "completions" | "chat"; chat prompts are the rendered template
+    prompt: str  # the text before the cursor (FIM) or the whole prompt
+    suffix: str | None  # the text after the cursor; None for plain completions
+    language: str | None
+    completion_text: str | None  # the text as served; None if the choice was never recorded
+    final_text: str  # the region's text when CI ran it
+    status: str  # passed | failed | build_failed | error
+    run_id: str
+    repository: str | None
+    file_path: str | None
+    adapter: str | None  # None: the base model served it
+    received_at: datetime  # when the CI run reached the server
+    # For a failing outcome: the text of the next passing outcome of the same choice, when the
+    # developer changed the text in between (the failure -> fix case); else None.
+    fixed_text: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status in PASSING
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILING
+
+
+def load_outcome_records(*, session: Session, since: datetime | None = None) -> list[OutcomeRecord]:
+    """Every (completion, choice, outcome) whose CI run arrived at or after ``since``, oldest
+    run first. Reads only.
+
+    Runs are ordered by when they finished (as CI reported it; else their arrival), then by
+    arrival: a report spooled while the server was down arrives late but still ran before the
+    fix that followed it.
+    """
+    query = (
+        select(CompletionOutcome, CiRun, Completion, CompletionChoice)
+        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(Completion, Completion.id == CompletionOutcome.completion_id)
+        .outerjoin(
+            CompletionChoice,
+            and_(
+                CompletionChoice.completion_id == CompletionOutcome.completion_id,
+                CompletionChoice.index == CompletionOutcome.choice_index,
+            ),
+        )
+    )
+    if since is not None:
+        query = query.where(CiRun.received_at >= since)
+
+    rows = sorted(
+        session.execute(query).tuples(),
+        key=lambda row: (row[1].finished_at or row[1].received_at, row[1].received_at, row[0].id),
+    )
+    records: list[OutcomeRecord] = []
+    for outcome, run, completion, choice in rows:
+        records.append(
+            OutcomeRecord(
+                completion_id=completion.id,
+                choice_index=outcome.choice_index,
+                context_key=context_key(completion.prompt, completion.suffix),
+                endpoint=completion.endpoint,
+                prompt=completion.prompt,
+                suffix=completion.suffix,
+                language=completion.language,
+                completion_text=choice.text if choice is not None else None,
+                final_text=outcome.final_text,
+                status=outcome.status,
+                run_id=run.run_id,
+                # The run's repository is what CI checked out; the completion's is what the
+                # editor claimed. They agree unless a ledger entry moved between repositories.
+                repository=run.repository or completion.repository,
+                file_path=outcome.file_path or completion.file_path,
+                adapter=completion.adapter,
+                received_at=run.received_at,
+            )
+        )
+    return _attach_fixes(records)
+
+
+def _attach_fixes(records: list[OutcomeRecord]) -> list[OutcomeRecord]:
+    """Give each failing record the text of the first later passing outcome of its choice, when
+    that text differs (the same text passing later is a flaky run, not a fix)."""
+    by_choice: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, record in enumerate(records):  # records are in run order
+        by_choice[(record.completion_id, record.choice_index)].append(i)
+    out = list(records)
+    for indices in by_choice.values():
+        for position, i in enumerate(indices):
+            if not records[i].failed:
+                continue
+            later_pass = next(
+                (records[j] for j in indices[position + 1 :] if records[j].passed), None
+            )
+            if later_pass is not None and later_pass.final_text != records[i].final_text:
+                out[i] = replace(records[i], fixed_text=later_pass.final_text)
+    return out
