@@ -61,10 +61,7 @@ _PYTHON_LANGUAGES = {"python", "py", "python3"}
 
 @dataclass(frozen=True)
 class Pair:
-    """One preference pair, as the trainer consumes it.
-
-    Identical to ``trainer.train.Pair``; defined here until that module exists.
-    """
+    """One preference pair, as the trainer (``trainer.train``) consumes it."""
 
     id: str
     prompt: str

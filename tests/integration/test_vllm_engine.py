@@ -240,3 +240,45 @@ def test_mixed_traffic_with_hang_ups_leaves_one_row_per_request(tiny_server: Liv
     while engine._llm.get_num_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine._llm.get_num_unfinished_requests() == 0
+
+
+def test_an_adapter_trained_by_the_trainer_serves_requests(
+    tiny_server: LiveServer, tiny_world: TinyWorld, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from trainer.pairs import Pair
+    from trainer.train import TrainConfig, train_adapter
+
+    pairs = [
+        Pair(
+            id=f"p{i}",
+            prompt=f"def f{i}(a, b):\n    ",
+            chosen="return a + b\n",
+            rejected="return a - b\n",
+            source="ci",
+        )
+        for i in range(4)
+    ]
+    config = TrainConfig(
+        batch_size=4,
+        max_steps=2,
+        warmup_steps=0,
+        learning_rate=1e-2,
+        lora_r=8,
+        lora_alpha=16,
+        max_length=64,
+    )
+    result = train_adapter(
+        base_model_dir=tiny_world.model_dir,
+        pairs=pairs,
+        config=config,
+        output_dir=tmp_path,
+        progress=False,
+    )
+    assert result.adapter_dir is not None
+    tiny_server.server.call(_engine(tiny_server).add_adapter("round-1", result.adapter_dir))
+    client = _client(tiny_server)
+    out = client.completions.create(
+        model="round-1", prompt="def f(a, b):\n    ", max_tokens=6, temperature=0
+    )
+    assert out.usage is not None and out.usage.completion_tokens == 6
+    tiny_server.server.call(_engine(tiny_server).remove_adapter("round-1"))
