@@ -48,6 +48,16 @@ def _engine(server: LiveServer) -> VllmEngine:
     return engine
 
 
+def _unfinished_requests_settle_to_zero(server: LiveServer, timeout: float = 10) -> bool:
+    """Whether the engine has no request left running (aborts are asynchronous)."""
+    llm = _engine(server)._llm
+    assert llm is not None
+    deadline = time.monotonic() + timeout
+    while llm.get_num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return llm.get_num_unfinished_requests() == 0
+
+
 def test_openai_client_plain_fim_stream_and_chat(tiny_server: LiveServer) -> None:
     client = _client(tiny_server)
     plain = client.completions.create(
@@ -148,7 +158,6 @@ def test_bad_requests_are_4xx_through_the_real_tokenizer(tiny_server: LiveServer
 
 
 def test_client_hanging_up_mid_stream_aborts_the_generation(tiny_server: LiveServer) -> None:
-    engine = _engine(tiny_server)
     body = {
         "model": "tiny",
         "prompt": "def f():",
@@ -170,11 +179,7 @@ def test_client_hanging_up_mid_stream_aborts_the_generation(tiny_server: LiveSer
     row = _rows(tiny_server, [completion_id])[completion_id]
     assert row.status == "aborted"
     assert 0 < row.completion_tokens < 256
-    assert engine._llm is not None
-    deadline = time.monotonic() + 10
-    while engine._llm.get_num_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine._llm.get_num_unfinished_requests() == 0
+    assert _unfinished_requests_settle_to_zero(tiny_server)
 
 
 def test_adapters_load_at_runtime_and_bad_ones_are_refused(
@@ -234,12 +239,7 @@ def test_mixed_traffic_with_hang_ups_leaves_one_row_per_request(tiny_server: Liv
     rows = _rows(tiny_server, list(expected), timeout=30)
     assert {cid: row.status for cid, row in rows.items()} == expected
     assert list(expected.values()).count("aborted") == kinds.count("hangup") > 0
-    engine = _engine(tiny_server)
-    assert engine._llm is not None
-    deadline = time.monotonic() + 10
-    while engine._llm.get_num_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine._llm.get_num_unfinished_requests() == 0
+    assert _unfinished_requests_settle_to_zero(tiny_server)
 
 
 def test_an_adapter_trained_by_the_trainer_serves_requests(
