@@ -8,8 +8,8 @@ Create Date: 2026-11-22 19:15:05.209779
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
 
+from alembic import op
 
 revision = "0002"
 down_revision = "0001"
