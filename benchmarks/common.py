@@ -111,6 +111,24 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by the server process itself ("api") and by
+        its descendants (the engine core and its workers, "engine")."""
+        import psutil
+
+        def used(p: psutil.Process) -> float:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                return float(t.user + t.system)
+            return 0.0
+
+        try:
+            main = psutil.Process(self.proc.pid)
+            children = main.children(recursive=True)
+        except psutil.Error:
+            return {"api": 0.0, "engine": 0.0}
+        return {"api": used(main), "engine": sum(used(c) for c in children)}
+
     def wait_ready(
         self,
         url: str,

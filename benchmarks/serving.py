@@ -1,8 +1,8 @@
 """Serving overhead: Kaizen against plain ``vllm serve``, same model, engine settings and prompts.
 
-Reproduce (the bundled model; about 20 minutes on 2 CPU cores):
+Reproduce (the bundled model; about 10 minutes on 2 CPU cores, nothing else running):
 
-    .venv/bin/python benchmarks/serving.py --model bundled --rounds 2 --concurrency 8 --requests 32
+    .venv/bin/python benchmarks/serving.py --model bundled --rounds 3 --concurrency 8 --requests 64
 
 A quick end-to-end check with a tiny random model the tests build (``--model tiny``):
 
@@ -770,6 +770,10 @@ def print_tables(report: dict[str, Any]) -> None:
         "",
     )
     table.add_row("errors", str(raw["errors"]), str(kz["errors"]), "", "0", _mark(t["no_errors"]))
+    for label, key in (("API process CPU ms/req", "api"), ("engine CPU ms/req", "engine")):
+        a = report["cpu"]["raw"][f"{key}_ms_per_request"]
+        b = report["cpu"]["kaizen"][f"{key}_ms_per_request"]
+        table.add_row(label, _fmt(a), _fmt(b), _fmt(ratio(b, a), 3), "", "")
     rec = report["records"]
     table.add_row(
         "requests recorded",
@@ -915,6 +919,7 @@ def run_server_phase(
                 raise RuntimeError(
                     f"{kind} warm-up failed: {failed[0].error}; log: {server.process.log_path}"
                 )
+        cpu_before = server.process.cpu_seconds()
         load = asyncio.run(
             run_load(
                 server.url,
@@ -926,6 +931,7 @@ def run_server_phase(
                 desc=None if args.no_progress else f"round {round_no} {kind}",
             )
         )
+        cpu_after = server.process.cpu_seconds()
     finally:
         code = server.process.stop()
     print(f"[round {round_no}] {kind} stopped (exit code {code})")
@@ -936,6 +942,9 @@ def run_server_phase(
         "log": str(server.process.log_path),
         "engine_config": engine_config_line(server.process.log_path),
         "summary": summarize(load),
+        # CPU seconds the server used during the load phase: the API process (HTTP, tokenising,
+        # detokenising, SSE, Kaizen's recording) and the engine core with its workers.
+        "cpu_s": {k: cpu_after[k] - cpu_before[k] for k in cpu_before},
         "load": load,
     }
     if kind == "kaizen":
@@ -1068,6 +1077,17 @@ def build_report(
         diff = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
         differences |= diff
         identical = identical and not diff
+    cpu: dict[str, dict[str, float | None]] = {}
+    for kind in SERVERS:
+        api = sum(entry[kind]["cpu_s"]["api"] for entry in rounds)
+        engine = sum(entry[kind]["cpu_s"]["engine"] for entry in rounds)
+        sent = sum(len(entry[kind]["load"].results) for entry in rounds)
+        cpu[kind] = {
+            "api_s": api,
+            "engine_s": engine,
+            "api_ms_per_request": api * 1000 / sent if sent else None,
+            "engine_ms_per_request": engine * 1000 / sent if sent else None,
+        }
     targets = {
         "ttft_p50_ratio": None
         if ratios["ttft_p50"] is None
@@ -1117,6 +1137,7 @@ def build_report(
         "pooled": {"raw": pooled_raw, "kaizen": pooled_kaizen, "ratios": ratios},
         "records": records,
         "same_outputs": same,
+        "cpu": cpu,
         "engine_config": {
             "identical": identical,
             "differences": sorted(differences),
