@@ -14,15 +14,16 @@ from server.services.feedback import FeedbackService
 from server.store.tokens import Principal, Role
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are async so FastAPI does not hop to a worker thread for each one.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_service(request: Request) -> CompletionService:
+async def get_service(request: Request) -> CompletionService:
     return request.app.state.completion_service
 
 
-def get_feedback(request: Request) -> FeedbackService:
+async def get_feedback(request: Request) -> FeedbackService:
     return request.app.state.feedback_service
 
 
