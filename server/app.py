@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.completion_service = CompletionService(
             engine=model_engine, recorder=recorder, settings=settings
         )
-        app.state.feedback_service = FeedbackService(session_factory)
+        app.state.feedback_service = FeedbackService(session_factory, recorder)
         app.state.engine_task = asyncio.create_task(_start_engine(model_engine))
         try:
             yield

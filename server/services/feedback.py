@@ -26,6 +26,7 @@ from server.api.feedback_protocol import (
     StatsResponse,
 )
 from server.errors import ApiError
+from server.services.recorder import Recorder
 from server.store import feedback as store
 from server.store.tokens import Principal
 
@@ -44,8 +45,17 @@ def _all_unknown(ids: list[str], what: str) -> ApiError:
 
 
 class FeedbackService:
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], recorder: Recorder | None = None
+    ) -> None:
         self._session_factory = session_factory
+        self._recorder = recorder
+
+    async def _settle(self) -> None:
+        """Write this replica's queued completion records first, so feedback that arrives
+        right after a completion (an IDE's `shown`) finds the completion it names."""
+        if self._recorder is not None:
+            await self._recorder.flush()  # returns at once when nothing is queued
 
     async def record_events(self, batch: EventBatch, principal: Principal) -> EventsResponse:
         def work() -> store.EventsResult:
@@ -56,6 +66,7 @@ class FeedbackService:
                     events=[e.model_dump() for e in batch.events],
                 )
 
+        await self._settle()
         result = await asyncio.to_thread(work)
         if result.unknown_completion_ids and not result.stored and not result.duplicates:
             raise _all_unknown(result.unknown_completion_ids, "event")
@@ -72,6 +83,7 @@ class FeedbackService:
                     session=session, entries=[e.model_dump() for e in batch.entries]
                 )
 
+        await self._settle()
         result = await asyncio.to_thread(work)
         if result.unknown_completion_ids and not result.stored:
             raise _all_unknown(result.unknown_completion_ids, "ledger entry")
@@ -105,6 +117,7 @@ class FeedbackService:
                     completions=[c.model_dump() for c in report.completions],
                 )
 
+        await self._settle()
         result = await asyncio.to_thread(work)
         return OutcomeResponse(
             run_id=report.run_id,

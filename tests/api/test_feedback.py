@@ -292,3 +292,26 @@ def test_stats_per_adapter(client: TestClient, auth, fake_engine: FakeEngine) ->
         ).status_code
         == 400
     )
+
+
+def test_feedback_right_after_the_completion_finds_it(
+    client: TestClient, auth, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The IDE's `shown` can arrive before the recorder has written the completion: make the
+    # recorder slow so that it always does.
+    import time
+
+    from server.services.recorder import Recorder
+
+    write = Recorder._write
+
+    def slow_write(self, batch):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        write(self, batch)
+
+    monkeypatch.setattr(Recorder, "_write", slow_write)
+    cid = _complete(client, auth)
+    response = client.post(
+        "/v1/events", headers=auth["ide"], json={"events": [_event(cid, "shown")]}
+    )
+    assert response.status_code == 200 and response.json()["stored"] == 1, response.text
