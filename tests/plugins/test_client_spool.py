@@ -66,7 +66,8 @@ def test_timeout_bounds_the_whole_request(kaizen_server: FakeKaizen) -> None:
     kaizen_server.delay = 2.0
     client = KaizenClient(kaizen_server.url, kaizen_server.token, timeout=0.3)
     started = time.monotonic()
-    with pytest.raises(KaizenUnavailable, match="did not answer within"):
+    # The whole-request limit and the socket's own time-out race: either message is right.
+    with pytest.raises(KaizenUnavailable, match="did not answer within|timed out"):
         client.post_outcome(report("r1"))
     assert time.monotonic() - started < 1.5
 
