@@ -1,229 +1,446 @@
-// Wires the pure modules to VS Code: inline completions, events, the ledger, the status bar.
+// The only module that touches the VS Code API: it adapts documents, settings, secrets, commands
+// and the status bar to the logic in controller.ts, events.ts, ledger*.ts and repository.ts.
 
-import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import * as vscode from "vscode";
 import { KaizenClient, KaizenError } from "./client";
-import { EventBatcher, KaizenEvent } from "./events";
-import { Ledger } from "./ledger";
-import { postprocess } from "./postprocess";
-import { originFromGitConfig, repositoryId } from "./repository";
-import { buildBody, CompletionSettings, SseParser } from "./request";
+import { CompletionController, DocumentSnapshot, KeptRegion, readSettings, Settings, Status } from "./controller";
+import { EditReporter, EventBatcher } from "./events";
+import { locateInserted, TextChange } from "./ledger";
+import { RepositoryLedger } from "./ledgerStore";
+import { RepositoryInfo, RepositoryResolver, relativePath } from "./repository";
 
-const TOKEN_KEY = "kaizen.token";
-const FLUSH_MS = 5_000;
-const EDIT_QUIET_MS = 2_000;
+const TOKEN_KEY = "kaizen.apiToken";
+const ACCEPT_COMMAND = "kaizen.accepted";
 
-interface Shown {
-  id: string;
-  accepted: boolean;
+interface DocInfo extends RepositoryInfo {
+  /** Relative to `root`, `/` separators. */
+  filePath: string;
+  /** Whether the ledger follows this document (a file inside its repository). */
+  tracked: boolean;
 }
 
-let status: vscode.StatusBarItem;
-
-function settings(): CompletionSettings & { enabled: boolean; serverUrl: string; debounceMs: number } {
-  const c = vscode.workspace.getConfiguration("kaizen");
-  return {
-    enabled: c.get("enabled", true),
-    serverUrl: c.get("serverUrl", "http://127.0.0.1:8000"),
-    model: c.get("model", "qwen2.5-coder-0.5b-instruct"),
-    maxTokens: c.get("maxTokens", 64),
-    debounceMs: c.get("debounceMs", 150),
-    prefixChars: c.get("prefixChars", 3000),
-    suffixChars: c.get("suffixChars", 1000),
-    singleLine: c.get("singleLine", false),
-  };
+interface AcceptArgs {
+  completionId: string;
+  choiceIndex: number;
+  fullText: string;
+  insertText: string;
+  documentKey: string;
+  shownOffset: number;
 }
 
-function setStatus(state: "ready" | "requesting" | "error" | "no token" | "off", detail = ""): void {
-  const icons = { ready: "$(check)", requesting: "$(sync~spin)", error: "$(error)", "no token": "$(key)", off: "$(circle-slash)" };
-  status.text = `${icons[state]} Kaizen`;
-  status.tooltip = `Kaizen: ${state}${detail ? ` (${detail})` : ""}. Click to toggle.`;
-}
-
-async function workspaceRepository(folder: vscode.WorkspaceFolder): Promise<string> {
-  let origin: string | undefined;
-  try {
-    origin = originFromGitConfig(await fs.readFile(path.join(folder.uri.fsPath, ".git", "config"), "utf8"));
-  } catch {
-    origin = undefined; // not a git checkout
-  }
-  return repositoryId(origin, folder.name);
-}
+let deactivateHook: (() => Promise<void>) | undefined;
 
 export async function activate(context: vscode.ExtensionContext): Promise<void> {
-  status = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
-  status.command = "kaizen.toggle";
-  status.show();
-  context.subscriptions.push(status);
-
-  let token = await context.secrets.get(TOKEN_KEY);
-  setStatus(token ? "ready" : "no token");
-  const client = () => new KaizenClient(settings().serverUrl, token ?? "");
-
-  const folder = vscode.workspace.workspaceFolders?.[0];
-  const repository = folder ? await workspaceRepository(folder) : "local/untitled";
-  const ledgerPath = folder ? path.join(folder.uri.fsPath, ".kaizen", "ledger.jsonl") : undefined;
-  let ledger = new Ledger();
-  if (ledgerPath) {
-    try {
-      ledger = Ledger.parse(await fs.readFile(ledgerPath, "utf8"));
-    } catch {
-      // no ledger yet
+  const log = vscode.window.createOutputChannel("Kaizen");
+  const settings = (): Settings => {
+    const config = vscode.workspace.getConfiguration("kaizen");
+    return readSettings((name) => config.get(name));
+  };
+  let token = (await context.secrets.get(TOKEN_KEY)) || undefined;
+  const version = String((context.extension?.packageJSON as { version?: unknown } | undefined)?.version ?? "0");
+  const client = (): KaizenClient | undefined =>
+    token ? new KaizenClient({ baseUrl: settings().serverUrl, token, userAgent: `kaizen-vscode/${version}` }) : undefined;
+  const requireClient = (): KaizenClient => {
+    const c = client();
+    if (!c) {
+      throw new KaizenError("no API token set", { kind: "auth" });
     }
-  }
+    return c;
+  };
+  const warn = (message: string) => log.appendLine(`${new Date().toISOString()} ${message}`);
 
-  const events = new EventBatcher(async (batch: KaizenEvent[]) => {
-    await client().postJson("POST", "/v1/events", { events: batch });
-  });
+  // Status bar: state at a glance; a click toggles completions (or asks for the missing token).
+  const statusItem = vscode.window.createStatusBarItem(vscode.StatusBarAlignment.Right, 100);
+  context.subscriptions.push(statusItem, log);
+  let lastStatus: Status = { state: token ? "ready" : "no-token" };
+  const showStatus = (status: Status = lastStatus) => {
+    lastStatus = status;
+    const enabled = settings().enabled;
+    const state = !enabled ? "disabled" : !token ? "no-token" : status.state;
+    const look: Record<Status["state"], [string, string]> = {
+      ready: ["$(sparkle) Kaizen", "ready"],
+      requesting: ["$(loading~spin) Kaizen", "asking for a completion"],
+      error: ["$(warning) Kaizen", "error"],
+      "no-token": ["$(key) Kaizen", "no API token"],
+      disabled: ["$(circle-slash) Kaizen", "off"],
+    };
+    const [text, words] = look[state];
+    statusItem.text = text;
+    const detail = state === status.state && status.detail ? `: ${status.detail}` : "";
+    statusItem.tooltip = `Kaizen ${words}${detail}\n${settings().serverUrl}\nClick to ${state === "no-token" ? "set the API token" : enabled ? "turn completions off" : "turn completions on"}.`;
+    statusItem.command = state === "no-token" ? "kaizen.setToken" : "kaizen.toggle";
+    statusItem.backgroundColor = state === "error" ? new vscode.ThemeColor("statusBarItem.warningBackground") : undefined;
+    statusItem.show();
+  };
+  showStatus();
 
-  async function flush(): Promise<void> {
-    if (!token) {
+  // Events, batched and retried.
+  const events = new EventBatcher(
+    async (batch) => {
+      const answer = await requireClient().postEvents(batch);
+      return { unknownCompletionIds: answer.unknown_completion_ids };
+    },
+    { onWarning: warn },
+  );
+  const edits = new EditReporter((completionId, choiceIndex, text) =>
+    events.add({ completion_id: completionId, choice_index: choiceIndex, type: "edited", text }),
+  );
+
+  // Repositories and their ledgers.
+  const resolver = new RepositoryResolver();
+  const infos = new Map<string, DocInfo>();
+  const ledgers = new Map<string, Promise<RepositoryLedger>>();
+  const loadedLedgers = new Map<string, RepositoryLedger>();
+  const ledgerFor = (info: RepositoryInfo): Promise<RepositoryLedger> => {
+    let found = ledgers.get(info.root);
+    if (!found) {
+      const store = new RepositoryLedger({
+        root: info.root,
+        repository: info.repository,
+        put: async (entries) => {
+          const answer = await requireClient().putLedger(entries);
+          return { unknownCompletionIds: answer.unknown_completion_ids };
+        },
+        onWarning: warn,
+      });
+      found = store
+        .load()
+        .catch((err) => warn(`Kaizen: could not read the ledger of ${info.root}: ${(err as Error).message}`))
+        .then(() => {
+          loadedLedgers.set(info.root, store);
+          return store;
+        });
+      ledgers.set(info.root, found);
+    }
+    return found;
+  };
+  const infoFor = async (document: vscode.TextDocument): Promise<DocInfo> => {
+    const key = document.uri.toString();
+    const cached = infos.get(key);
+    if (cached) {
+      return cached;
+    }
+    let info: DocInfo;
+    const folder = vscode.workspace.getWorkspaceFolder(document.uri) ?? vscode.workspace.workspaceFolders?.[0];
+    if (document.uri.scheme === "file") {
+      const file = document.uri.fsPath;
+      const repo = await resolver.resolve(path.dirname(file), folder?.uri.scheme === "file" ? folder.uri.fsPath : undefined);
+      const relative = relativePath(repo.root, file);
+      info = { ...repo, filePath: relative ?? path.basename(file), tracked: relative !== undefined };
+    } else {
+      const repo =
+        folder?.uri.scheme === "file"
+          ? await resolver.resolve(folder.uri.fsPath)
+          : { root: "", repository: "local/untitled", git: false };
+      info = { ...repo, filePath: path.posix.basename(document.uri.path) || "untitled", tracked: false };
+    }
+    infos.set(key, info);
+    if (info.tracked) {
+      await ledgerFor(info);
+    }
+    return info;
+  };
+
+  const findDocument = (key: string) => vscode.workspace.textDocuments.find((d) => d.uri.toString() === key);
+
+  /** Record an accepted (or partly kept) completion in its repository's ledger. */
+  const recordInLedger = async (document: vscode.TextDocument, completionId: string, choiceIndex: number, text: string, offset: number) => {
+    const info = await infoFor(document);
+    if (!info.tracked || !text) {
       return;
     }
-    await events.flush();
-    const pending = ledger.pendingPush();
-    if (pending.length) {
-      if (ledgerPath) {
-        await fs.mkdir(path.dirname(ledgerPath), { recursive: true });
-        await fs.writeFile(ledgerPath, ledger.serialise());
-      }
-      try {
-        await client().postJson("PUT", "/v1/ledger", { entries: pending });
-        ledger.markPushed(pending);
-      } catch {
-        // kept dirty: pushed on the next flush
-      }
-    }
-  }
-  const timer = setInterval(() => void flush(), FLUSH_MS);
-  context.subscriptions.push({ dispose: () => clearInterval(timer) });
+    const store = await ledgerFor(info);
+    store.ledger.accept({ completion_id: completionId, choice_index: choiceIndex, repository: info.repository, file_path: info.filePath, text, start_offset: offset });
+    edits.baseline(completionId, choiceIndex, text);
+    store.changed();
+  };
 
-  let lastShown: Shown | undefined;
-  function rejectLastShown(): void {
-    if (lastShown && !lastShown.accepted) {
-      events.add(lastShown.id, "rejected");
-    }
-    lastShown = undefined;
-  }
+  const errorsShown = new Set<string>();
+  const controller = new CompletionController({
+    settings,
+    client,
+    events,
+    documentText: (key) => findDocument(key)?.getText(),
+    onStatus: (status) => showStatus(status),
+    onError: (error) => {
+      warn(`Kaizen: completion failed: ${error.message}`);
+      if (error.kind === "auth" && !errorsShown.has(`auth:${token}`)) {
+        errorsShown.add(`auth:${token}`);
+        void vscode.window.showWarningMessage(`Kaizen: ${error.message}`, "Set API Token").then((choice) => {
+          if (choice) {
+            void vscode.commands.executeCommand("kaizen.setToken");
+          }
+        });
+      }
+    },
+    onKept: (kept: KeptRegion) => {
+      const document = findDocument(kept.documentKey);
+      if (document) {
+        void recordInLedger(document, kept.completionId, kept.choiceIndex, kept.text, kept.offset);
+      }
+    },
+  });
 
   const provider: vscode.InlineCompletionItemProvider = {
-    async provideInlineCompletionItems(document, position, _ctx, cancel) {
-      const s = settings();
-      if (!s.enabled || !token) {
-        return [];
-      }
-      rejectLastShown();
-      await new Promise((resolve) => setTimeout(resolve, s.debounceMs));
-      if (cancel.isCancellationRequested) {
-        return [];
+    async provideInlineCompletionItems(document, position, inlineContext, cancel) {
+      if (inlineContext.selectedCompletionInfo) {
+        return undefined; // the suggest widget has a selection: leave it alone
       }
       const abort = new AbortController();
       const subscription = cancel.onCancellationRequested(() => abort.abort());
-      const relative = folder ? path.relative(folder.uri.fsPath, document.uri.fsPath).split(path.sep).join("/") : document.uri.path;
-      const text = document.getText();
-      const offset = document.offsetAt(position);
-      const body = buildBody(text, offset, s, { language: document.languageId, filePath: relative, repository });
-      setStatus("requesting");
+      if (cancel.isCancellationRequested) {
+        abort.abort();
+      }
       try {
-        const response = await client().request("POST", "/v1/completions", body, abort.signal);
-        const parser = new SseParser();
-        const decoder = new TextDecoder();
-        for await (const chunk of response.body as unknown as AsyncIterable<Uint8Array>) {
-          parser.push(decoder.decode(chunk, { stream: true }));
-        }
-        setStatus("ready");
-        if (parser.state.error) {
-          throw new KaizenError(parser.state.error);
-        }
-        const completion = postprocess(parser.state.text, body.suffix, s.singleLine);
-        const id = parser.state.id;
-        if (!completion || !id || cancel.isCancellationRequested) {
-          return [];
-        }
-        events.add(id, "shown");
-        lastShown = { id, accepted: false };
-        const item = new vscode.InlineCompletionItem(completion, new vscode.Range(position, position));
-        item.command = {
-          command: "kaizen.accepted",
-          title: "Kaizen: completion accepted",
-          arguments: [id, relative, offset, completion],
+        const info = await infoFor(document);
+        const snapshot: DocumentSnapshot = {
+          key: document.uri.toString(),
+          text: document.getText(),
+          offset: document.offsetAt(position),
+          languageId: document.languageId,
+          filePath: info.filePath,
+          repository: info.repository,
         };
+        const suggestion = await controller.provide(snapshot, abort.signal);
+        if (!suggestion || cancel.isCancellationRequested) {
+          return undefined;
+        }
+        const args: AcceptArgs = {
+          completionId: suggestion.completionId,
+          choiceIndex: suggestion.choiceIndex,
+          fullText: suggestion.fullText,
+          insertText: suggestion.insertText,
+          documentKey: snapshot.key,
+          shownOffset: suggestion.shownOffset,
+        };
+        const item = new vscode.InlineCompletionItem(suggestion.insertText, new vscode.Range(position, position), {
+          title: "Kaizen: completion accepted",
+          command: ACCEPT_COMMAND,
+          arguments: [args],
+        });
         return [item];
       } catch (err) {
-        if (!abort.signal.aborted) {
-          setStatus("error", (err as Error).message);
-        }
-        return [];
+        warn(`Kaizen: ${(err as Error).message}`);
+        return undefined;
       } finally {
         subscription.dispose();
       }
     },
   };
-  // Partial acceptance (word by word) where this VS Code version reports it.
-  (provider as { handleDidPartiallyAcceptCompletionItem?: unknown }).handleDidPartiallyAcceptCompletionItem = (
-    item: vscode.InlineCompletionItem,
-    acceptedLength: number,
-  ) => {
-    const id = item.command?.arguments?.[0] as string | undefined;
-    if (id) {
-      events.add(id, "partially_accepted", { accepted_length: acceptedLength });
-      if (lastShown?.id === id) {
-        lastShown.accepted = true;
+  // Partial acceptance (word by word), where this VS Code reports it: (item, length) in older
+  // versions, (item, length, info) or (item, { acceptedLength }) in newer ones.
+  Object.assign(provider, {
+    handleDidPartiallyAcceptCompletionItem(item: vscode.InlineCompletionItem, accepted: number | { acceptedLength?: number }) {
+      const args = item.command?.arguments?.[0] as AcceptArgs | undefined;
+      const length = typeof accepted === "number" ? accepted : accepted?.acceptedLength;
+      if (args?.completionId && typeof length === "number" && length > 0) {
+        const typedBefore = args.fullText.length - args.insertText.length;
+        controller.partiallyAccepted(args.completionId, args.choiceIndex, typedBefore + length);
+      }
+    },
+  });
+
+  const onAccepted = async (args: AcceptArgs) => {
+    if (!args?.completionId) {
+      return;
+    }
+    controller.accepted(args.completionId, args.choiceIndex);
+    const document = findDocument(args.documentKey);
+    if (!document) {
+      return;
+    }
+    const editor = vscode.window.activeTextEditor;
+    const cursor = editor && editor.document === document ? document.offsetAt(editor.selection.active) : -1;
+    const located = locateInserted(document.getText(), cursor, [args.fullText, args.insertText], args.shownOffset);
+    if (located) {
+      await recordInLedger(document, args.completionId, args.choiceIndex, located.text, located.start);
+    } else {
+      warn(`Kaizen: accepted ${args.completionId} but could not find its text in ${document.uri.fsPath}`);
+    }
+  };
+
+  const applyChanges = (info: DocInfo, changes: TextChange[]) => {
+    const store = loadedLedgers.get(info.root);
+    if (!store) {
+      return;
+    }
+    const touched = store.ledger.applyChanges(info.filePath, changes);
+    if (!touched.length) {
+      return;
+    }
+    store.changed();
+    for (const { entry, effect } of touched) {
+      if (effect === "edited" || effect === "removed") {
+        edits.changed(entry.completion_id, entry.choice_index, entry.current_text);
       }
     }
   };
 
-  const editTimers = new Map<string, NodeJS.Timeout>();
-  context.subscriptions.push(
-    vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, provider),
-    vscode.commands.registerCommand("kaizen.accepted", (id: string, filePath: string, offset: number, text: string) => {
-      if (lastShown?.id === id) {
-        lastShown.accepted = true;
+  // Changes of one document are applied in order, also while its repository is being looked up.
+  const chains = new Map<string, Promise<void>>();
+  const onDocumentChange = (event: vscode.TextDocumentChangeEvent) => {
+    const document = event.document;
+    if (document.uri.scheme !== "file" || !event.contentChanges.length) {
+      return;
+    }
+    const changes: TextChange[] = event.contentChanges.map((c) => ({ offset: c.rangeOffset, length: c.rangeLength, text: c.text }));
+    const key = document.uri.toString();
+    const info = infos.get(key);
+    if (info && !chains.has(key) && (!info.tracked || loadedLedgers.has(info.root))) {
+      if (info.tracked) {
+        applyChanges(info, changes);
       }
-      events.add(id, "accepted");
-      ledger.accept({ completion_id: id, repository, file_path: filePath, inserted_text: text, start_offset: offset });
-    }),
-    vscode.commands.registerCommand("kaizen.setToken", async () => {
-      const value = await vscode.window.showInputBox({ prompt: "Kaizen API token (role ide)", password: true, ignoreFocusOut: true });
-      if (value) {
-        token = value.trim();
-        await context.secrets.store(TOKEN_KEY, token);
-        setStatus("ready");
+      return;
+    }
+    const next = (chains.get(key) ?? Promise.resolve())
+      .then(() => infoFor(document))
+      .then((resolved) => {
+        if (resolved.tracked) {
+          applyChanges(resolved, changes);
+        }
+      })
+      .catch((err) => warn(`Kaizen: ledger update failed: ${(err as Error).message}`));
+    chains.set(key, next);
+    void next.then(() => {
+      if (chains.get(key) === next) {
+        chains.delete(key);
       }
-    }),
-    vscode.commands.registerCommand("kaizen.toggle", async () => {
-      const c = vscode.workspace.getConfiguration("kaizen");
-      const enabled = !c.get("enabled", true);
-      await c.update("enabled", enabled, vscode.ConfigurationTarget.Global);
-      setStatus(enabled ? (token ? "ready" : "no token") : "off");
-    }),
-    vscode.workspace.onDidChangeTextDocument((change) => {
-      if (!folder || change.document.uri.scheme !== "file") {
-        return;
+    });
+  };
+
+  // A document opened after changes made outside the editor: move entries to where their text is.
+  const onDocumentOpen = async (document: vscode.TextDocument) => {
+    if (document.uri.scheme !== "file") {
+      return;
+    }
+    const info = await infoFor(document);
+    if (!info.tracked) {
+      return;
+    }
+    const store = await ledgerFor(info);
+    if (store.ledger.reconcile(info.filePath, document.getText()).length) {
+      store.changed();
+    }
+  };
+
+  const onRename = async (event: vscode.FileRenameEvent) => {
+    for (const { oldUri, newUri } of event.files) {
+      if (oldUri.scheme !== "file" || newUri.scheme !== "file") {
+        continue;
       }
-      const relative = path.relative(folder.uri.fsPath, change.document.uri.fsPath).split(path.sep).join("/");
-      const documentText = change.document.getText();
-      // VS Code reports the changes of one edit against the old text, last offset first.
-      const ordered = [...change.contentChanges].sort((a, b) => b.rangeOffset - a.rangeOffset);
-      for (const c of ordered) {
-        for (const entry of ledger.applyChange(relative, { offset: c.rangeOffset, length: c.rangeLength, text: c.text }, documentText)) {
-          // One `edited` event once the developer pauses, not one per keystroke.
-          clearTimeout(editTimers.get(entry.completion_id));
-          editTimers.set(
-            entry.completion_id,
-            setTimeout(() => {
-              editTimers.delete(entry.completion_id);
-              events.add(entry.completion_id, "edited", { text: entry.current_text });
-            }, EDIT_QUIET_MS),
-          );
+      const repo = await resolver.resolve(path.dirname(oldUri.fsPath));
+      const store = loadedLedgers.get(repo.root);
+      const from = relativePath(repo.root, oldUri.fsPath);
+      const to = relativePath(repo.root, newUri.fsPath);
+      if (store && from && to && store.ledger.renameFile(from, to)) {
+        store.changed();
+      }
+      for (const key of [...infos.keys()]) {
+        if (key.startsWith(oldUri.toString())) {
+          infos.delete(key);
         }
       }
+    }
+  };
+
+  const setToken = async () => {
+    const value = await vscode.window.showInputBox({
+      title: "Kaizen: Set API Token",
+      prompt: "A token with the ide role (`kaizen tokens create --role ide --name <you>` on the server)",
+      placeHolder: "kz_...",
+      password: true,
+      ignoreFocusOut: true,
+    });
+    if (value === undefined) {
+      return;
+    }
+    const trimmed = value.trim();
+    if (trimmed) {
+      await context.secrets.store(TOKEN_KEY, trimmed);
+    } else {
+      await context.secrets.delete(TOKEN_KEY);
+    }
+    token = trimmed || undefined;
+    showStatus({ state: token ? "ready" : "no-token" });
+    if (token) {
+      void events.flush();
+      for (const store of loadedLedgers.values()) {
+        void store.push();
+      }
+    }
+  };
+
+  const toggle = async () => {
+    const config = vscode.workspace.getConfiguration("kaizen");
+    const inspected = config.inspect<boolean>("enabled");
+    const target =
+      inspected?.workspaceFolderValue !== undefined
+        ? vscode.ConfigurationTarget.WorkspaceFolder
+        : inspected?.workspaceValue !== undefined
+          ? vscode.ConfigurationTarget.Workspace
+          : vscode.ConfigurationTarget.Global;
+    await config.update("enabled", !settings().enabled, target);
+    showStatus({ state: "ready" });
+  };
+
+  context.subscriptions.push(
+    vscode.languages.registerInlineCompletionItemProvider({ pattern: "**" }, provider),
+    vscode.commands.registerCommand(ACCEPT_COMMAND, onAccepted),
+    vscode.commands.registerCommand("kaizen.setToken", setToken),
+    vscode.commands.registerCommand("kaizen.toggle", toggle),
+    vscode.workspace.onDidChangeTextDocument(onDocumentChange),
+    vscode.workspace.onDidOpenTextDocument((d) => void onDocumentOpen(d).catch((err) => warn(`Kaizen: ${(err as Error).message}`))),
+    vscode.workspace.onDidCloseTextDocument((d) => infos.delete(d.uri.toString())),
+    vscode.workspace.onDidRenameFiles((e) => void onRename(e).catch((err) => warn(`Kaizen: ${(err as Error).message}`))),
+    vscode.workspace.onDidChangeWorkspaceFolders(() => {
+      resolver.clear();
+      infos.clear();
     }),
-    { dispose: () => void flush() },
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration("kaizen")) {
+        showStatus();
+      }
+    }),
+    context.secrets.onDidChange(async (e) => {
+      if (e.key === TOKEN_KEY) {
+        token = (await context.secrets.get(TOKEN_KEY)) || undefined;
+        showStatus({ state: token ? "ready" : "no-token" });
+      }
+    }),
   );
+
+  // Documents already open (the extension starts after the window): follow their ledgers.
+  for (const document of vscode.workspace.textDocuments) {
+    void onDocumentOpen(document).catch((err) => warn(`Kaizen: ${(err as Error).message}`));
+  }
+
+  deactivateHook = async () => {
+    controller.dispose();
+    edits.flushAll();
+    edits.dispose();
+    const stores = [...loadedLedgers.values()];
+    await Promise.race([
+      Promise.allSettled([events.flush(), ...stores.map((s) => s.flush())]),
+      new Promise((resolve) => setTimeout(resolve, 3_000)),
+    ]);
+    events.dispose();
+    stores.forEach((s) => s.dispose());
+  };
+
+  if (!token) {
+    void vscode.window
+      .showInformationMessage("Kaizen needs an API token (role ide) to complete code.", "Set API Token")
+      .then((choice) => {
+        if (choice) {
+          void setToken();
+        }
+      });
+  }
 }
 
-export function deactivate(): void {
-  // Pending events are flushed by the disposable registered in activate().
+export async function deactivate(): Promise<void> {
+  const hook = deactivateHook;
+  deactivateHook = undefined;
+  await hook?.();
 }
