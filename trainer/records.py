@@ -54,6 +54,8 @@ class OutcomeRecord:
     file_path: str | None
     adapter: str | None  # None: the base model served it
     received_at: datetime  # when the CI run reached the server
+    # Test code (asserts) the CI hook sent to judge this completion in the sandbox, if any.
+    test_code: str | None = None
     # For a failing outcome: the text of the next passing outcome of the same choice, when the
     # developer changed the text in between (the failure -> fix case); else None.
     fixed_text: str | None = None
@@ -67,9 +69,11 @@ class OutcomeRecord:
         return self.status in FAILING
 
 
-def load_outcome_records(*, session: Session, since: datetime | None = None) -> list[OutcomeRecord]:
-    """Every (completion, choice, outcome) whose CI run arrived at or after ``since``, oldest
-    run first. Reads only.
+def load_outcome_records(
+    *, session: Session, since: datetime | None = None, until: datetime | None = None
+) -> list[OutcomeRecord]:
+    """Every (completion, choice, outcome) whose CI run arrived at or after ``since`` and at or
+    before ``until``, oldest run first. Reads only.
 
     Runs are ordered by when they finished (as CI reported it; else their arrival), then by
     arrival: a report spooled while the server was down arrives late but still ran before the
@@ -89,6 +93,8 @@ def load_outcome_records(*, session: Session, since: datetime | None = None) -> 
     )
     if since is not None:
         query = query.where(CiRun.received_at >= since)
+    if until is not None:
+        query = query.where(CiRun.received_at <= until)
 
     rows = sorted(
         session.execute(query).tuples(),
@@ -115,6 +121,7 @@ def load_outcome_records(*, session: Session, since: datetime | None = None) -> 
                 file_path=outcome.file_path or completion.file_path,
                 adapter=completion.adapter,
                 received_at=run.received_at,
+                test_code=outcome.test_code,
             )
         )
     return _attach_fixes(records)

@@ -93,6 +93,10 @@ class CompletionOutcomeIn(_Strict):
     final_text: str = Field(max_length=MAX_TEXT)
     status: RunStatus
     tests: list[str] = Field(default_factory=list)
+    # A self-contained Python test (asserts) that judges this completion when appended to the
+    # program ``prompt + text + suffix``: the trainer re-runs texts against it in its sandbox
+    # and resamples the model where a context lacks a passing or a failing side.
+    test_code: str | None = Field(None, max_length=MAX_TEXT)
 
 
 class OutcomeReport(_Strict):

@@ -187,4 +187,66 @@ class CompletionOutcome(Base):
     final_text: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
     tests: Mapped[list[Any]] = mapped_column(JSON)
+    # Test code that judges the completion in the trainer's sandbox, where the hook sent one.
+    test_code: Mapped[str | None] = mapped_column(Text, default=None)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class TrainingRound(Base):
+    """One round of the trainer: its inputs, funnel, metrics, timings and result."""
+
+    __tablename__ = "training_rounds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # "running" | "succeeded" (a candidate was registered) | "stopped" (non-finite values; the
+    # active adapter stays) | "failed" (an error) | "skipped" (nothing to train on).
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # "manual" | "records" | "schedule"
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    # Outcomes received up to this instant are this round's input; later ones count as new.
+    records_until: Mapped[datetime] = mapped_column(UtcDateTime())
+    parent_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    work_dir: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    funnel: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    alarms: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Adapter(Base):
+    """A LoRA adapter version in the registry. Its ``name`` is what vLLM loads it under and is
+    never reused; its directory is immutable."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # candidate -> evaluating -> rejected | approved -> canary -> active -> retired
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    # The round that trained it (no foreign key: rounds point at adapters, not both ways).
+    round_id: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class AdapterTransition(Base):
+    """The audit trail of the registry: who or what moved an adapter between states, and why."""
+
+    __tablename__ = "adapter_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))  # "trainer", "gate", "ops:<token name>"
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

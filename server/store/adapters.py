@@ -1,0 +1,133 @@
+"""The adapter registry: versions, their states and the audit trail of every state change.
+
+States and the moves between them (``ALLOWED``)::
+
+    candidate -> evaluating -> rejected | approved -> canary -> active -> retired
+
+A rollback returns a retired version to ``active``; a canary that is rolled back is retired.
+Every change writes an :class:`AdapterTransition` row saying who or what made it and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.store.models import Adapter, AdapterTransition, utcnow
+
+STATES = ("candidate", "evaluating", "rejected", "approved", "canary", "active", "retired")
+ALLOWED: dict[str, frozenset[str]] = {
+    "candidate": frozenset({"evaluating", "rejected", "retired"}),
+    "evaluating": frozenset({"approved", "rejected", "candidate"}),
+    "approved": frozenset({"canary", "active", "retired"}),
+    "canary": frozenset({"active", "retired"}),
+    "active": frozenset({"retired"}),
+    "retired": frozenset({"active"}),
+    "rejected": frozenset(),
+}
+
+
+class TransitionError(ValueError):
+    """A state change the registry does not allow."""
+
+
+class AdapterExistsError(ValueError):
+    """An adapter name that is taken: names are never reused for new weights."""
+
+
+def register_adapter(
+    *,
+    session: Session,
+    name: str,
+    path: str,
+    base_sha256: str,
+    manifest: dict[str, Any],
+    parent_id: int | None,
+    round_id: int | None,
+    actor: str,
+) -> Adapter:
+    """Add a new version in state ``candidate``."""
+    if session.scalar(select(Adapter.id).where(Adapter.name == name)) is not None:
+        raise AdapterExistsError(
+            f"an adapter named {name!r} exists; every version needs a new name"
+        )
+    adapter = Adapter(
+        name=name,
+        state="candidate",
+        path=path,
+        base_sha256=base_sha256,
+        manifest=manifest,
+        parent_id=parent_id,
+        round_id=round_id,
+    )
+    session.add(adapter)
+    session.flush()
+    session.add(
+        AdapterTransition(
+            adapter_id=adapter.id,
+            from_state=None,
+            to_state="candidate",
+            actor=actor,
+            reason="registered",
+        )
+    )
+    session.commit()
+    return adapter
+
+
+def transition(
+    *, session: Session, adapter: Adapter, to_state: str, actor: str, reason: str = ""
+) -> Adapter:
+    """Move ``adapter`` to ``to_state`` (committed), or raise :class:`TransitionError`."""
+    if to_state not in STATES:
+        raise TransitionError(f"unknown state {to_state!r}; states: {', '.join(STATES)}")
+    if to_state not in ALLOWED[adapter.state]:
+        allowed = ", ".join(sorted(ALLOWED[adapter.state])) or "none (final)"
+        raise TransitionError(
+            f"adapter {adapter.name} is {adapter.state}; it cannot become {to_state} "
+            f"(allowed from {adapter.state}: {allowed})"
+        )
+    session.add(
+        AdapterTransition(
+            adapter_id=adapter.id,
+            from_state=adapter.state,
+            to_state=to_state,
+            actor=actor,
+            reason=reason,
+        )
+    )
+    adapter.state = to_state
+    adapter.updated_at = utcnow()
+    session.commit()
+    return adapter
+
+
+def get_adapter(*, session: Session, name: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.name == name))
+
+
+def list_adapters(*, session: Session, states: Iterable[str] | None = None) -> list[Adapter]:
+    query = select(Adapter).order_by(Adapter.id)
+    if states is not None:
+        query = query.where(Adapter.state.in_(list(states)))
+    return list(session.scalars(query))
+
+
+def active_adapter(*, session: Session) -> Adapter | None:
+    """The version serving by default (the newest, should several ever be marked active)."""
+    return session.scalar(
+        select(Adapter).where(Adapter.state == "active").order_by(Adapter.id.desc()).limit(1)
+    )
+
+
+def history(*, session: Session, adapter_id: int) -> list[AdapterTransition]:
+    return list(
+        session.scalars(
+            select(AdapterTransition)
+            .where(AdapterTransition.adapter_id == adapter_id)
+            .order_by(AdapterTransition.id)
+        )
+    )
