@@ -138,6 +138,124 @@ def tokens_revoke(
     typer.echo(f"revoked token {token_id} ({token.name})")
 
 
+def _print_funnel(funnel: dict, indent: str = "  ") -> None:  # type: ignore[type-arg]
+    for key, value in funnel.items():
+        if isinstance(value, dict):
+            typer.echo(f"{indent}{key}:")
+            _print_funnel(value, indent + "  ")
+        else:
+            typer.echo(f"{indent}{key}: {value}")
+
+
+@app.command()
+def train(
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Build and select pairs, print the funnel, train and store nothing.",
+    ),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        help="Run the background worker: a round "
+        "whenever one is due (KAIZEN_TRAIN_MIN_NEW_RECORDS, "
+        "KAIZEN_TRAIN_INTERVAL_HOURS).",
+    ),
+    parent: str = typer.Option(None, help="Adapter to continue from (default: the active one)."),
+    max_steps: int = typer.Option(
+        None, help="Cap on optimiser steps (default: KAIZEN_TRAIN_MAX_STEPS)."
+    ),
+    resample: int = typer.Option(
+        None,
+        help="Samples per tested context lacking a side "
+        "(default: KAIZEN_TRAIN_RESAMPLE; 0 turns resampling off).",
+    ),
+    select: bool = typer.Option(True, "--select/--no-select", help="CDAS selection."),
+) -> None:
+    """Run a training round now: records -> pairs -> selection -> DPO+NLL -> a candidate."""
+    from server.store.db import make_engine, make_session_factory
+    from trainer.config import TrainConfig
+    from trainer.round import RoundOptions
+    from trainer.worker import RoundBusyError, RoundWorker, Schedule, round_lock, round_runner
+
+    settings = get_settings()
+    _setup_logging(settings.log_level)
+    assert settings.rounds_dir is not None
+    config = TrainConfig(max_steps=max_steps if max_steps is not None else settings.train_max_steps)
+    options = RoundOptions(
+        n_resample=resample if resample is not None else settings.train_resample, select=select
+    )
+    run = round_runner(settings, config=config, options=options, parent=parent, dry_run=dry_run)
+    if watch:
+        db = make_engine(settings.database_url)
+        worker = RoundWorker(
+            session_factory=make_session_factory(db),
+            rounds_dir=settings.rounds_dir,
+            schedule=Schedule(settings.train_min_new_records, settings.train_interval_hours),
+            run=run,
+            poll_seconds=settings.train_poll_seconds,
+        )
+        try:
+            worker.run_forever()
+        except KeyboardInterrupt:
+            typer.echo("trainer worker stopped")
+        finally:
+            db.dispose()
+        return
+    try:
+        if dry_run:
+            report = run("manual", None)
+        else:
+            with round_lock(settings.rounds_dir):
+                report = run("manual", None)
+    except RoundBusyError as exc:
+        _fail(f"{exc}; try again when it has finished")
+    except LookupError as exc:
+        _fail(str(exc))
+    typer.echo(f"round {report.round_id or '(dry run)'}: {report.status}")
+    if report.error:
+        typer.echo(f"  reason: {report.error}")
+    typer.echo(f"  parent adapter: {report.parent_adapter or '(base model)'}")
+    typer.echo("funnel:")
+    _print_funnel(report.funnel)
+    if report.metrics:
+        typer.echo("metrics:")
+        _print_funnel(
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in report.metrics.items()}
+        )
+    if report.durations:
+        typer.echo("durations (s): " + ", ".join(f"{k} {v}" for k, v in report.durations.items()))
+    for alarm in report.alarms:
+        typer.secho(f"alarm: {alarm}", fg=typer.colors.YELLOW, err=True)
+    if report.adapter_name:
+        typer.echo(f"candidate adapter: {report.adapter_name} at {report.adapter_dir}")
+    if report.status in ("stopped", "failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def rounds(limit: int = typer.Option(20, help="How many, newest first.")) -> None:
+    """List training rounds."""
+    from server.store.db import make_engine, make_session_factory
+    from server.store.rounds import list_rounds
+
+    engine = make_engine(get_settings().database_url)
+    with make_session_factory(engine)() as session:
+        rows = list_rounds(session=session, limit=limit)
+    engine.dispose()
+    typer.echo(
+        f"{'id':>4}  {'status':<9}  {'trigger':<8}  {'started':<19}  {'pairs':>5}  "
+        f"{'trained':>7}  error"
+    )
+    for r in rows:
+        pairs = (r.funnel.get("pairs") or {}).get("pairs", "-")
+        typer.echo(
+            f"{r.id:>4}  {r.status:<9}  {r.trigger:<8}  "
+            f"{r.started_at.strftime('%Y-%m-%d %H:%M:%S'):<19}  {pairs!s:>5}  "
+            f"{r.funnel.get('trained_pairs', '-')!s:>7}  {r.error or ''}"
+        )
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply database migrations."""

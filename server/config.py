@@ -65,6 +65,26 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
 
+    # --- the trainer (a round: records -> pairs -> selection -> DPO+NLL -> candidate adapter)
+    rounds_dir: Path | None = Field(
+        None, description="Where rounds keep their work and adapters; default $KAIZEN_HOME/rounds."
+    )
+    train_min_new_records: int = Field(
+        200, ge=1, description="Start a round once this many new CI verdicts have arrived."
+    )
+    train_interval_hours: float = Field(
+        24.0, gt=0, description="Also start one this long after the last, if anything is new."
+    )
+    train_poll_seconds: float = Field(
+        60.0, gt=0, description="How often the trainer's worker checks whether a round is due."
+    )
+    train_resample: int = Field(
+        8, ge=0, description="Candidates sampled per tested context that lacks a side (0: off)."
+    )
+    train_max_steps: int = Field(
+        -1, ge=-1, description="Cap on optimiser steps per round; -1 trains full epochs."
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
@@ -76,6 +96,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.home / 'kaizen.db'}"
         if self.model_cache is None:
             self.model_cache = self.home / "models"
+        if self.rounds_dir is None:
+            self.rounds_dir = self.home / "rounds"
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 "KAIZEN_DEFAULT_MAX_TOKENS must not exceed KAIZEN_MAX_TOKENS_LIMIT "

@@ -366,6 +366,8 @@ def build_pairs(
     sandbox: Sandbox,
     tests_for: Callable[[Context], str | None] | None = None,
     resample: Callable[[str, str | None, int], list[str]] | None = None,
+    resample_batch: Callable[[Sequence[tuple[str, str | None]], int], list[list[str]]]
+    | None = None,
     n_resample: int = 8,
     flaky_reruns: int = 1,
     max_pairs_per_context: int = 4,
@@ -376,7 +378,9 @@ def build_pairs(
     ``tests_for(context)`` returns test code (asserts run after the program) for contexts that
     have one, else None. ``resample(prompt, suffix, n)`` returns ``n`` completions of the
     current policy for a context (prompt: the text before the cursor; suffix: after it, None
-    for plain prompts). Sandbox runs are batched across contexts (``Sandbox.run_many``).
+    for plain prompts). ``resample_batch(contexts, n)``, where given, does the same for many
+    (prompt, suffix) at once, which an inference engine serves far faster than one at a time.
+    Sandbox runs are batched across contexts (``Sandbox.run_many``).
     """
     if max_pairs_per_context < 1:
         raise ValueError(f"max_pairs_per_context must be at least 1: {max_pairs_per_context}")
@@ -416,7 +420,7 @@ def build_pairs(
     # Resample where a tested context lacks a verified side.
     to_resample = []
     for context, candidates, _fixes, test in states:
-        if test is None or resample is None or n_resample == 0:
+        if test is None or (resample is None and resample_batch is None) or n_resample == 0:
             continue
         has_pass = any(c.ci_pass and c.verdict == "pass" for c in candidates.values())
         has_fail = any(c.ci_fail and c.verdict == "fail" for c in candidates.values())
@@ -424,8 +428,14 @@ def build_pairs(
             continue
         to_resample.append((context, candidates, test))
     resampled = 0
-    for context, candidates, _test in to_resample:
-        for text in resample(context.prompt, context.suffix, n_resample)[:n_resample]:
+    if resample_batch is not None:
+        asks = [(context.prompt, context.suffix) for context, _, _ in to_resample]
+        samples = resample_batch(asks, n_resample) if asks else []
+    else:
+        assert resample is not None or not to_resample
+        samples = [resample(c.prompt, c.suffix, n_resample) for c, _, _ in to_resample]  # type: ignore[misc]
+    for (_context, candidates, _test), texts in zip(to_resample, samples, strict=True):
+        for text in texts[:n_resample]:
             key = normalize_text(text)
             if key and key not in candidates:
                 candidates[key] = _Candidate(text=text, resampled=True)

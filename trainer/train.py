@@ -252,6 +252,7 @@ def train_adapter(
     output_dir: Path,
     progress: bool = True,
     resume: bool = True,
+    extra_manifest: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``pairs``; on success ``output_dir/adapter`` holds it (PEFT format,
     as vLLM loads it) with ``manifest.json``, and the checkpoints are removed.
@@ -259,6 +260,7 @@ def train_adapter(
     ``resume=True`` continues from the last checkpoint in ``output_dir/checkpoints`` when it was
     written for the same inputs (base, parent, pairs, config); other checkpoints are discarded. A
     round stopped by a non-finite value returns ``adapter_dir=None`` and ``stopped_reason``.
+    ``extra_manifest`` adds fields to the manifest (a round adds the ids of its records).
 
     Example::
 
@@ -378,6 +380,7 @@ def train_adapter(
         "duration_s": round(duration, 3),
         "tokens_per_s": round(tokens_per_s, 1),
         "versions": _versions(),
+        **(extra_manifest or {}),
     }
     _save_adapter(policy, adapter_dir, manifest)
     shutil.rmtree(checkpoints, ignore_errors=True)

@@ -1,0 +1,204 @@
+"""The trainer's background worker: decides when a round is due, makes sure only one runs, and
+finishes a round that was killed before it starts a new one.
+
+A round is due when at least ``min_new_records`` new CI verdicts arrived since the last round's
+cut-off (trigger ``records``), or ``interval_hours`` passed since the last round and at least
+one verdict is new (trigger ``schedule``). One round at a time: the worker holds an exclusive
+file lock (``rounds_dir/.lock``) while it works, so a second worker on the same host, or a
+manual ``kaizen train``, waits its turn or gives up. A round left ``running`` in the database
+while nobody holds the lock was killed; the next tick resumes it (see :mod:`trainer.round`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from server.config import Settings
+from server.store import rounds as round_store
+from trainer.config import TrainConfig
+from trainer.round import RoundOptions, RoundReport
+
+__all__ = [
+    "RoundBusyError",
+    "RoundWorker",
+    "Schedule",
+    "due_trigger",
+    "round_lock",
+    "round_runner",
+]
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+
+
+class RoundBusyError(RuntimeError):
+    """Another round holds the lock."""
+
+
+@contextmanager
+def round_lock(rounds_dir: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold the one-round-at-a-time lock; raises :class:`RoundBusyError` when it is taken and
+    ``wait`` is false. The kernel drops the lock when the process dies, however it dies."""
+    rounds_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(rounds_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise RoundBusyError(
+                f"another training round is running (lock {rounds_dir / LOCK_FILE} is held)"
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    min_new_records: int = 200
+    interval_hours: float = 24.0
+
+
+def due_trigger(session: Session, schedule: Schedule, now: datetime | None = None) -> str | None:
+    """``"records"`` or ``"schedule"`` when a round is due, else None."""
+    now = now or datetime.now(UTC)
+    last = round_store.last_round(session=session)
+    after = last.records_until if last is not None else None
+    new = round_store.count_verdicts(session=session, after=after, until=now)
+    if new >= schedule.min_new_records:
+        return "records"
+    if last is not None and new > 0:
+        finished = last.finished_at or last.started_at
+        if now - finished >= timedelta(hours=schedule.interval_hours):
+            return "schedule"
+    return None
+
+
+class RoundWorker:
+    """Runs rounds when due. ``run(trigger, resume_round_id)`` does the round (normally a
+    closure over :func:`trainer.round.run_round` with the settings' model and config)."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: sessionmaker[Session],
+        rounds_dir: Path,
+        schedule: Schedule,
+        run: Callable[[str, int | None], RoundReport],
+        poll_seconds: float = 60.0,
+    ) -> None:
+        self.session_factory = session_factory
+        self.rounds_dir = rounds_dir
+        self.schedule = schedule
+        self.run = run
+        self.poll_seconds = poll_seconds
+
+    def tick(self) -> RoundReport | None:
+        """Resume a killed round, or start a due one; None when there is nothing to do or
+        another worker holds the lock."""
+        try:
+            with round_lock(self.rounds_dir):
+                with self.session_factory() as session:
+                    unfinished = round_store.unfinished_rounds(session=session)
+                    trigger = None if unfinished else due_trigger(session, self.schedule)
+                if unfinished:
+                    # We hold the lock, so nobody is running these: they were killed.
+                    row = unfinished[0]
+                    log.warning("event=round_resuming id=%d trigger=%s", row.id, row.trigger)
+                    return self.run(row.trigger, row.id)
+                if trigger is None:
+                    return None
+                log.info("event=round_due trigger=%s", trigger)
+                return self.run(trigger, None)
+        except RoundBusyError:
+            log.info("event=round_busy dir=%s", self.rounds_dir)
+            return None
+
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        """Tick every ``poll_seconds`` until ``stop`` is set; a failed round is logged and the
+        worker carries on (the round's row holds the error)."""
+        stop = stop or threading.Event()
+        log.info(
+            "event=trainer_worker_start min_new_records=%d interval_hours=%s poll_s=%s",
+            self.schedule.min_new_records,
+            self.schedule.interval_hours,
+            self.poll_seconds,
+        )
+        while not stop.is_set():
+            try:
+                report = self.tick()
+                if report is not None:
+                    log.info("event=round_done id=%s status=%s", report.round_id, report.status)
+            except Exception:
+                log.exception("event=round_error")
+            stop.wait(self.poll_seconds)
+
+
+def round_runner(
+    settings: Settings,
+    *,
+    config: TrainConfig | None = None,
+    options: RoundOptions | None = None,
+    parent: str | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> Callable[[str, int | None], RoundReport]:
+    """A round as the settings describe it: the served model, its engine limits for
+    resampling, ``rounds_dir`` for the work. What ``kaizen train`` and the worker run."""
+    from server.engine.vllm_engine import resolve_model_dir
+    from server.store.db import make_engine, make_session_factory
+    from trainer.round import run_round
+
+    assert settings.rounds_dir is not None
+    rounds_dir = settings.rounds_dir
+    base_model_dir = resolve_model_dir(settings)
+    config = config or TrainConfig(max_steps=settings.train_max_steps)
+    options = options or RoundOptions(n_resample=settings.train_resample)
+
+    def generator() -> Any:
+        from trainer.generate import VllmGenerator
+
+        return VllmGenerator(
+            base_model_dir,
+            max_model_len=settings.max_model_len,
+            max_lora_rank=settings.max_lora_rank,
+            kv_cache_gib=settings.kv_cache_gib,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+        )
+
+    def run(trigger: str, resume_round_id: int | None) -> RoundReport:
+        db = make_engine(settings.database_url)
+        try:
+            return run_round(
+                session_factory=make_session_factory(db),
+                base_model_dir=base_model_dir,
+                rounds_dir=rounds_dir,
+                config=config,
+                options=options,
+                generator_factory=generator,
+                parent=parent,
+                trigger=trigger,
+                dry_run=dry_run,
+                resume_round_id=resume_round_id,
+                progress=progress,
+            )
+        finally:
+            db.dispose()
+
+    return run
