@@ -394,9 +394,11 @@ def select_pairs(
     seed: int = 0,
     batch_size: int = 4,
     max_length: int = 1024,
+    max_response_tokens: int | None = None,
 ) -> SelectionResult:
     """Score ``pairs`` with the model in ``model_dir`` (+ ``adapter_dir``) and select a diverse,
     hard subset. ``repositories`` maps pair id to repository (``PairBuildResult.repositories``).
+    ``max_response_tokens`` defaults to 256 or half of ``max_length``, whichever is less.
     """
     if not pairs:
         return select_from_scores(
@@ -411,6 +413,7 @@ def select_pairs(
         adapter_dir=adapter_dir,
         batch_size=batch_size,
         max_length=max_length,
+        max_response_tokens=max_response_tokens or min(256, max_length // 2),
     )
     return select_from_scores(
         pairs,

@@ -449,7 +449,7 @@ def _prepare_checkpoints(checkpoints: Path, run_key: str, resume: bool) -> str |
     if checkpoints.is_dir():
         key_file = checkpoints / _RUN_KEY
         same_run = key_file.is_file() and json.loads(key_file.read_text()).get("key") == run_key
-        last = get_last_checkpoint(str(checkpoints)) if same_run else None
+        last = _last_complete_checkpoint(checkpoints) if same_run else None
         if resume and last is not None:
             return last
         if any(checkpoints.iterdir()):
@@ -458,6 +458,18 @@ def _prepare_checkpoints(checkpoints: Path, run_key: str, resume: bool) -> str |
         shutil.rmtree(checkpoints)
     checkpoints.mkdir(parents=True)
     (checkpoints / _RUN_KEY).write_text(json.dumps({"key": run_key}))
+    return None
+
+
+def _last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint that was written to the end. transformers writes a checkpoint's
+    ``trainer_state.json`` last, so a folder without one is what a kill mid-save left behind:
+    it is removed, and the one before it is used."""
+    while (last := get_last_checkpoint(str(checkpoints))) is not None:
+        if (Path(last) / "trainer_state.json").is_file():
+            return last
+        log.warning("event=checkpoint_incomplete dir=%s action=removed", last)
+        shutil.rmtree(last)
     return None
 
 

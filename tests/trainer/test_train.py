@@ -330,3 +330,21 @@ def test_config_refuses_values_that_cannot_work() -> None:
     with pytest.raises(ValueError, match="max_steps"):
         TrainConfig(max_steps=0)
     assert TrainConfig(batch_size=16, gradient_accumulation=4).micro_batch_size == 4
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped(tmp_path: Path) -> None:
+    """A kill during a save leaves a checkpoint folder without trainer_state.json (written
+    last); resuming from it would fail, so the one before it is used and the stub removed."""
+    from trainer.train import _last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert _last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+    for folder in tmp_path.iterdir():
+        (folder / "trainer_state.json").unlink()
+    assert _last_complete_checkpoint(tmp_path) is None
