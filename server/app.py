@@ -8,6 +8,7 @@ engine stops, so no record of a response already sent is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
 from server.services.recorder import Recorder
+from server.services.rollout import RolloutService
 from server.store.db import check_migrated, make_engine, make_session_factory
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,14 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine.from_settings(settings)
 
 
-async def _start_engine(engine: Engine) -> None:
+async def _start_engine(engine: Engine, rollout: RolloutService) -> None:
     try:
         await engine.start()
         log.info("event=engine_ready model=%s", engine.model_name)
     except Exception:
         log.exception("event=engine_start_failed model=%s", engine.model_name)
         raise
+    await rollout.run()  # loads the registry's versions, then follows its changes
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -59,17 +62,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.session_factory = session_factory
         app.state.recorder = recorder
         app.state.authenticator = TokenAuthenticator(session_factory, settings.auth_cache_seconds)
+        rollout = RolloutService(
+            engine=model_engine, session_factory=session_factory, settings=settings
+        )
+        rollout.prime()
+        app.state.rollout = rollout
         app.state.completion_service = CompletionService(
-            engine=model_engine, recorder=recorder, settings=settings
+            engine=model_engine, recorder=recorder, settings=settings, router=rollout
         )
         app.state.feedback_service = FeedbackService(session_factory, recorder)
-        app.state.engine_task = asyncio.create_task(_start_engine(model_engine))
+        app.state.engine_task = asyncio.create_task(_start_engine(model_engine, rollout))
         try:
             yield
         finally:
+            app.state.engine_task.cancel()  # the start-up, or the rollout loop after it
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await app.state.engine_task
             await recorder.stop()
-            if not app.state.engine_task.done():
-                app.state.engine_task.cancel()
             await model_engine.shutdown()
             db_engine.dispose()
             log.info("event=shutdown_complete")

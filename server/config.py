@@ -65,6 +65,23 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
 
+    # --- rollout (registry -> engine; canary; rollback)
+    rollout_poll_seconds: float = Field(
+        2.0, gt=0, description="How often a replica reads the registry and loads what changed."
+    )
+    rollout_min_samples: int = Field(
+        50,
+        ge=1,
+        description="Per side, before a canary is judged: shown completions for the "
+        "acceptance rate, CI verdicts for the pass rate.",
+    )
+    rollout_tolerance: float = Field(
+        0.02, ge=0, description="How far below the active version a canary's rates may be."
+    )
+    rollout_unload_grace_seconds: float = Field(
+        30.0, ge=0, description="How long a version that left the routing stays loaded."
+    )
+
     # --- the trainer (a round: records -> pairs -> selection -> DPO+NLL -> candidate adapter)
     rounds_dir: Path | None = Field(
         None, description="Where rounds keep their work and adapters; default $KAIZEN_HOME/rounds."

@@ -44,6 +44,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from server.engine.adapters import base_fingerprint
 from trainer.config import TrainConfig
 from trainer.packing import (
     LengthBucketSampler,
@@ -397,21 +398,6 @@ def train_adapter(
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def base_fingerprint(model_dir: Path) -> dict[str, Any]:
-    """A cheap identity of a checkpoint: SHA-256 of ``config.json`` and of its weight files'
-    names and sizes (hashing gigabytes of weights every round is not worth it)."""
-    config_sha = hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
-    weights = [
-        {"name": path.name, "bytes": path.stat().st_size}
-        for path in sorted(model_dir.iterdir())
-        if path.suffix in {".safetensors", ".bin"} or path.name.endswith(".index.json")
-    ]
-    if not weights:
-        raise FileNotFoundError(f"no weight files in {model_dir}")
-    digest = hashlib.sha256(json.dumps([config_sha, weights]).encode()).hexdigest()
-    return {"sha256": digest, "config_sha256": config_sha, "weights": weights}
 
 
 def _parent_fingerprint(parent: Path | None, base_sha256: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""trainer and registry: test code on outcomes, training rounds, adapters, transitions
+"""trainer and registry: test code on outcomes, training rounds, adapters, transitions, rollout
 
 Revision ID: 0003
 Revises: 0002
@@ -82,8 +82,23 @@ def upgrade() -> None:
     with op.batch_alter_table("training_rounds", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_training_rounds_status"), ["status"], unique=False)
 
+    op.create_table(
+        "rollout_state",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("canary_share", sa.Float(), nullable=False),
+        sa.Column("auto_rollout", sa.Boolean(), nullable=False),
+        sa.Column("training_paused", sa.Boolean(), nullable=False),
+        sa.Column("pinned_adapter_id", sa.Integer(), nullable=True),
+        sa.Column("canary_started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_by", sa.String(length=200), nullable=False),
+        sa.ForeignKeyConstraint(["pinned_adapter_id"], ["adapters.id"]),
+        sa.PrimaryKeyConstraint("id"),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("rollout_state")
     with op.batch_alter_table("training_rounds", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_training_rounds_status"))
     op.drop_table("training_rounds")

@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
+from server.engine.adapters import (
+    AdapterRejectedError,
+    base_fingerprint,
+    check_adapter,
+    read_adapter_rank,  # noqa: F401 - still imported from here by trainer/generate.py
+)
 from server.engine.base import (
     AdapterInfo,
     ChoiceDelta,
@@ -32,10 +37,6 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
-
-
-class AdapterRejectedError(ValueError):
-    """An adapter that cannot be served (missing, malformed, rank too large)."""
 
 
 def resolve_model_dir(settings: Settings) -> Path:
@@ -64,23 +65,13 @@ def served_name(settings: Settings) -> str:
     return Path(settings.model).expanduser().name
 
 
-def read_adapter_rank(path: Path) -> int:
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterRejectedError(f"{path} is not a PEFT LoRA adapter (no adapter_config.json).")
-    try:
-        config: dict[str, Any] = json.loads(config_file.read_text())
-        return int(config["r"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AdapterRejectedError(f"{config_file} is malformed: {exc}") from exc
-
-
 class VllmEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model_name = served_name(settings)
         self.max_model_len = settings.max_model_len
         self.model_dir: Path | None = None
+        self.base_sha256: str | None = None  # the served checkpoint's fingerprint
         self._llm: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._adapters: dict[str, tuple[LoRARequest, AdapterInfo]] = {}
@@ -125,6 +116,8 @@ class VllmEngine:
 
         self.model_dir = await asyncio.to_thread(resolve_model_dir, self.settings)
         log.info("event=engine_starting model=%s dir=%s", self.model_name, self.model_dir)
+        fingerprint = await asyncio.to_thread(base_fingerprint, self.model_dir)
+        self.base_sha256 = fingerprint["sha256"]
         self._tokenizer = await asyncio.to_thread(
             AutoTokenizer.from_pretrained, str(self.model_dir)
         )
@@ -184,13 +177,9 @@ class VllmEngine:
                 f"The name {name!r} is taken; every adapter version needs a new name."
             )
         path = Path(path).expanduser().resolve()
-        rank = read_adapter_rank(path)
-        if rank > self.settings.max_lora_rank:
-            raise AdapterRejectedError(
-                f"Adapter {name!r} has rank {rank}; the engine accepts at "
-                f"most {self.settings.max_lora_rank} "
-                "(KAIZEN_MAX_LORA_RANK)."
-            )
+        rank = check_adapter(
+            path, max_rank=self.settings.max_lora_rank, base_sha256=self.base_sha256
+        )
         request = LoRARequest(lora_name=name, lora_int_id=next(self._ids), lora_path=str(path))
         try:
             await self._llm.add_lora(request)

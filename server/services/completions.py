@@ -48,6 +48,7 @@ from server.engine.base import (
 from server.errors import ApiError
 from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
 from server.services.recorder import Recorder
+from server.services.rollout import RolloutService
 from server.store.completions import ChoiceRecord, CompletionRecord
 from server.store.tokens import Principal
 
@@ -88,8 +89,10 @@ class CompletionService:
         recorder: Recorder,
         settings: Settings,
         fim: FimFormat | None = None,
+        router: RolloutService | None = None,
     ) -> None:
         self.engine = engine
+        self.router = router
         self.recorder = recorder
         self.settings = settings
         self.fim = fim or FimFormat()
@@ -105,9 +108,11 @@ class CompletionService:
         ]
         return ModelList(data=cards)
 
-    def _resolve_adapter(self, model: str) -> str | None:
+    def _resolve_adapter(self, model: str, principal: Principal) -> str | None:
+        """The adapter a request runs on, decided once: the one it names, or, for the base
+        model's name, the version rollout routes this token to (None: the base itself)."""
         if model == self.engine.model_name:
-            return None
+            return self.router.route(principal) if self.router is not None else None
         if any(a.name == model for a in self.engine.adapters()):
             return model
         raise ApiError(
@@ -120,8 +125,13 @@ class CompletionService:
 
     # ------------------------------------------------------------- validation
 
+    def is_ready(self) -> bool:
+        """The engine can serve and, with rollout, the registry's versions are loaded (so the
+        first requests do not fall back to the base model)."""
+        return self.engine.is_ready() and (self.router is None or self.router.synced)
+
     def _check_ready(self) -> None:
-        if not self.engine.is_ready():
+        if not self.is_ready():
             raise ApiError(
                 503,
                 "The model is still loading (or failed to load); retry when "
@@ -267,7 +277,7 @@ class CompletionService:
                 "(and the text after it as suffix).",
                 param="prompt",
             )
-        adapter = self._resolve_adapter(request.model)
+        adapter = self._resolve_adapter(request.model, principal)
         self._check_ready()
         stop = request.stop_list()
         if suffix is not None:
@@ -348,7 +358,7 @@ class CompletionService:
         self._check_common(request)
         if not request.messages:
             raise ApiError(400, "messages must not be empty.", param="messages")
-        adapter = self._resolve_adapter(request.model)
+        adapter = self._resolve_adapter(request.model, principal)
         self._check_ready()
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_text = self.engine.apply_chat_template(messages)
@@ -425,6 +435,8 @@ class CompletionService:
         """Drive the engine for ``job``, keep its record current, and submit the record once."""
         record = job.record
         status, error = "failed", None
+        if self.router is not None:
+            self.router.acquire(record.adapter)  # keeps the version loaded until we finish
         try:
             async for deltas in self.engine.generate(
                 request_id=record.id,
@@ -450,6 +462,8 @@ class CompletionService:
                 status = "aborted"
             raise
         finally:
+            if self.router is not None:
+                self.router.release(record.adapter)
             record.status = status
             record.error = error
             record.latency_ms = (time.perf_counter() - job.started) * 1000

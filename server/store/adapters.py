@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from server.store.models import Adapter, AdapterTransition, utcnow
@@ -90,18 +90,30 @@ def transition(
             f"adapter {adapter.name} is {adapter.state}; it cannot become {to_state} "
             f"(allowed from {adapter.state}: {allowed})"
         )
+    # Compare-and-set: of two replicas deciding at once, exactly one moves the adapter.
+    from_state, now = adapter.state, utcnow()
+    moved = session.execute(
+        update(Adapter)
+        .where(Adapter.id == adapter.id, Adapter.state == from_state)
+        .values(state=to_state, updated_at=now)
+    ).rowcount
+    if not moved:
+        session.rollback()
+        raise TransitionError(
+            f"adapter {adapter.name} changed state meanwhile (it is no longer {from_state}); "
+            "look again and retry"
+        )
     session.add(
         AdapterTransition(
             adapter_id=adapter.id,
-            from_state=adapter.state,
+            from_state=from_state,
             to_state=to_state,
             actor=actor,
             reason=reason,
         )
     )
-    adapter.state = to_state
-    adapter.updated_at = utcnow()
     session.commit()
+    session.refresh(adapter)
     return adapter
 
 
@@ -131,3 +143,27 @@ def history(*, session: Session, adapter_id: int) -> list[AdapterTransition]:
             .order_by(AdapterTransition.id)
         )
     )
+
+
+def canary_adapter(*, session: Session) -> Adapter | None:
+    return session.scalar(
+        select(Adapter).where(Adapter.state == "canary").order_by(Adapter.id.desc()).limit(1)
+    )
+
+
+def previous_active(*, session: Session, besides: int | None) -> Adapter | None:
+    """The retired version that was active most recently (what a rollback restores)."""
+    query = (
+        select(Adapter)
+        .join(AdapterTransition, AdapterTransition.adapter_id == Adapter.id)
+        .where(
+            AdapterTransition.from_state == "active",
+            AdapterTransition.to_state == "retired",
+            Adapter.state == "retired",
+        )
+        .order_by(AdapterTransition.id.desc())
+        .limit(1)
+    )
+    if besides is not None:
+        query = query.where(Adapter.id != besides)
+    return session.scalar(query)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,3 +74,13 @@ def check_migrated(engine: Engine) -> None:
             f"this server needs revision {head}. Run `kaizen db upgrade` (or `make serve`, "
             "which does it) and start again."
         )
+
+
+def dialect_insert(session: Session, table: Table) -> Any:
+    """The dialect's INSERT, which offers ``on_conflict_do_nothing/update``."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table)
+    if name == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"Kaizen supports SQLite and PostgreSQL, not {name}.")

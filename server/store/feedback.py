@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, case, distinct, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, case, distinct, func, select
 from sqlalchemy.orm import Session
 
+from server.store.db import dialect_insert
 from server.store.models import (
     CiRun,
     Completion,
@@ -22,16 +22,6 @@ from server.store.models import (
     CompletionOutcome,
     LedgerEntry,
 )
-
-
-def _insert(session: Session, table: Table) -> Any:
-    """The dialect's INSERT, which offers ``on_conflict_do_nothing/update``."""
-    name = session.get_bind().dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table)
-    if name == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"Kaizen supports SQLite and PostgreSQL, not {name}.")
 
 
 def known_completion_ids(*, session: Session, ids: Iterable[str]) -> set[str]:
@@ -65,7 +55,7 @@ def save_events(
         new = [row for event_id, row in rows.items() if event_id not in existing]
         if new:
             table = CompletionEvent.__table__
-            session.execute(_insert(session, table).values(new).on_conflict_do_nothing())
+            session.execute(dialect_insert(session, table).values(new).on_conflict_do_nothing())
         session.commit()
         result.stored = len(new)
         result.duplicates = len(ours) - len(new)
@@ -88,7 +78,7 @@ def upsert_ledger(*, session: Session, entries: Sequence[dict[str, Any]]) -> Led
     for entry in entries:
         if entry["completion_id"] not in known:
             continue
-        stmt = _insert(session, table).values(**entry)
+        stmt = dialect_insert(session, table).values(**entry)
         updatable = {
             k: stmt.excluded[k] for k in entry if k not in ("completion_id", "choice_index")
         }
@@ -140,7 +130,7 @@ def save_outcome(
         unknown_completion_ids=sorted({c["completion_id"] for c in completions} - known)
     )
     inserted = session.execute(
-        _insert(session, CiRun.__table__)
+        dialect_insert(session, CiRun.__table__)
         .values(**run, raw=raw, token_id=token_id)
         .on_conflict_do_nothing()
     ).rowcount
@@ -151,7 +141,9 @@ def save_outcome(
     rows = [{**c, "run_id": run["run_id"]} for c in completions if c["completion_id"] in known]
     if rows:
         session.execute(
-            _insert(session, CompletionOutcome.__table__).values(rows).on_conflict_do_nothing()
+            dialect_insert(session, CompletionOutcome.__table__)
+            .values(rows)
+            .on_conflict_do_nothing()
         )
     session.commit()
     result.completions = len(rows)

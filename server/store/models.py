@@ -250,3 +250,20 @@ class AdapterTransition(Base):
     actor: Mapped[str] = mapped_column(String(200))  # "trainer", "gate", "ops:<token name>"
     reason: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class RolloutState(Base):
+    """How traffic is split between adapter versions, and what runs on its own: one row."""
+
+    __tablename__ = "rollout_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    canary_share: Mapped[float] = mapped_column(Float, default=0.1)
+    # False: nothing is promoted or rolled back automatically (ops still can).
+    auto_rollout: Mapped[bool] = mapped_column(Boolean, default=True)
+    training_paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Every request for the base model name gets this version; no canary, no automatic moves.
+    pinned_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
+    canary_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200), default="")

@@ -86,3 +86,61 @@ def test_two_replicas_record_into_one_database(pg_url: str, tmp_path) -> None:  
         choices = conn.execute(text("SELECT count(*) FROM completion_choices")).scalar()
     engine.dispose()
     assert stored == set(ids) and len(stored) == 10 and choices == 10
+
+
+def test_two_replicas_converge_on_the_active_and_canary_set(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two servers on loopback, one database: a change made through one replica reaches the
+    other's routing by polling, within a few poll intervals."""
+    import time
+
+    import httpx
+
+    from tests.utils.adapters import BASE_SHA, approved_adapter
+    from tests.utils.live_server import live_server
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    factory = make_session_factory(engine)
+    with factory() as session:
+        ide = create_token(session=session, name="ide", role=Role.IDE)[1]
+        ops = create_token(session=session, name="ops", role=Role.OPS)[1]
+    for name in ("v1", "v2"):
+        approved_adapter(factory, tmp_path, name)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, home=tmp_path, database_url=pg_url, rollout_poll_seconds=0.2
+    )
+
+    def served_by(url: str) -> str:
+        response = httpx.post(
+            f"{url}/v1/completions",
+            headers={"Authorization": f"Bearer {ide}"},
+            json={"model": "fake-model", "prompt": "x", "max_tokens": 40},
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
+
+    def converge(url: str, want: str) -> None:
+        deadline = time.monotonic() + 15
+        while served_by(url) != want:
+            assert time.monotonic() < deadline, f"{url} still does not serve {want}"
+            time.sleep(0.1)
+
+    ops_headers = {"Authorization": f"Bearer {ops}"}
+    app_a = create_app(settings, engine=FakeEngine(base_sha256=BASE_SHA))
+    app_b = create_app(settings, engine=FakeEngine(base_sha256=BASE_SHA))
+    with live_server(app_a) as a, live_server(app_b) as b:
+        assert served_by(a.url) == served_by(b.url) == "base"
+        r = httpx.post(
+            f"{a.url}/v1/adapters/v1/promote", headers=ops_headers, json={"to": "active"}
+        )
+        assert r.status_code == 200, r.text
+        assert served_by(a.url) == "v1"  # at once on the replica that made the change
+        converge(b.url, "v1")
+        httpx.post(f"{b.url}/v1/adapters/v2/promote", headers=ops_headers, json={"to": "canary"})
+        httpx.put(f"{b.url}/v1/rollout", headers=ops_headers, json={"canary_share": 1.0})
+        converge(a.url, "v2")
+        httpx.post(f"{a.url}/v1/rollout/rollback", headers=ops_headers, json={})
+        converge(b.url, "v1")
+        state = httpx.get(f"{b.url}/v1/rollout", headers=ops_headers).json()
+        assert state["replica"]["active"] == "v1" and state["replica"]["canary"] is None
+    engine.dispose()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+from server.engine.adapters import AdapterRejectedError, check_adapter
 from server.engine.base import AdapterInfo, ChoiceDelta, GenerationParams, UnknownAdapterError
 
 SPECIALS = [
@@ -36,6 +38,8 @@ class FakeEngine:
         reply: Callable[[str, str | None, int], str] = default_reply,
         model_name: str = "fake-model",
         max_model_len: int = 256,
+        max_lora_rank: int = 16,
+        base_sha256: str | None = None,
         token_delay: float = 0.0,
         adapters: dict[str, str] | None = None,
         fail_after: int | None = None,
@@ -46,6 +50,9 @@ class FakeEngine:
         self.reply = reply
         self.token_delay = token_delay
         self.fail_after = fail_after
+        self.max_lora_rank = max_lora_rank
+        self.base_sha256 = base_sha256
+        self.removed: list[str] = []
         self._adapters = dict(adapters or {"test-adapter": "/adapters/test"})
         self._ready = ready
         self.started = False
@@ -83,6 +90,20 @@ class FakeEngine:
 
     def adapters(self) -> list[AdapterInfo]:
         return [AdapterInfo(name=n, path=p) for n, p in self._adapters.items()]
+
+    async def add_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Checks the adapter like the real engine (directory, rank, weights, base) and
+        "loads" it; the fake's replies then carry its name."""
+        if name in self._adapters or name == self.model_name:
+            raise AdapterRejectedError(f"The name {name!r} is taken.")
+        check_adapter(Path(path), max_rank=self.max_lora_rank, base_sha256=self.base_sha256)
+        self._adapters[name] = str(path)
+        return AdapterInfo(name=name, path=str(path))
+
+    async def remove_adapter(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise UnknownAdapterError(f"adapter {name!r} is not loaded")
+        self.removed.append(name)
 
     async def generate(
         self,

@@ -18,6 +18,6 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(service: ServiceDep) -> JSONResponse:
-    if service.engine.is_ready():
+    if service.is_ready():
         return JSONResponse({"status": "ready", "model": service.engine.model_name})
     return JSONResponse({"status": "loading"}, status_code=503)
