@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import typer
 
@@ -17,9 +18,19 @@ app = typer.Typer(
 model_app = typer.Typer(help="The model Kaizen serves.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens (roles: ide, ci, ops).", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="The adapter registry: list, promote, roll back, pin. Running servers follow "
+    "within KAIZEN_ROLLOUT_POLL_SECONDS.",
+    no_args_is_help=True,
+)
+rollout_app = typer.Typer(
+    help="Canary share, automatic rollout, training pause.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(db_app, name="db")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(rollout_app, name="rollout")
 
 
 def _setup_logging(level: str) -> None:
@@ -254,6 +265,208 @@ def rounds(limit: int = typer.Option(20, help="How many, newest first.")) -> Non
             f"{r.started_at.strftime('%Y-%m-%d %H:%M:%S'):<19}  {pairs!s:>5}  "
             f"{r.funnel.get('trained_pairs', '-')!s:>7}  {r.error or ''}"
         )
+
+
+def _session():  # type: ignore[no-untyped-def]
+    from server.store.db import make_engine, make_session_factory
+
+    engine = make_engine(get_settings().database_url)
+    return make_session_factory(engine)(), engine
+
+
+_CLI_ACTOR = "cli"
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Adapters with state, parent, gate result and online rates."""
+    from datetime import UTC, datetime
+
+    from server.store.adapters import list_adapters
+    from server.store.feedback import adapter_stats
+
+    session, engine = _session()
+    with session:
+        rows = list_adapters(session=session)
+        stats = {
+            st.adapter: st
+            for st in adapter_stats(
+                session=session, since=datetime(1970, 1, 1, tzinfo=UTC), until=datetime.now(UTC)
+            )
+        }
+        names = {a.id: a.name for a in rows}
+    engine.dispose()
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    typer.echo(
+        f"{'name':<28} {'state':<10} {'parent':<28} {'gate':<9} {'accept':>6} "
+        f"{'ci_pass':>7} {'n':>5}"
+    )
+    for a in rows:
+        st = stats.get(a.name)
+        gate = (a.evaluation or {}).get("decision", "-")
+        typer.echo(
+            f"{a.name:<28} {a.state:<10} {names.get(a.parent_id, '-') if a.parent_id else '-':<28} "
+            f"{gate:<9} {rate(st.acceptance_rate if st else None):>6} "
+            f"{rate(st.ci_pass_rate if st else None):>7} {st.completions if st else 0:>5}"
+        )
+
+
+@adapters_app.command("show")
+def adapters_show(name: str) -> None:
+    """One adapter: manifest summary, evaluation, and its audit trail."""
+    import json
+
+    from server.store.adapters import get_adapter, history
+
+    session, engine = _session()
+    with session:
+        adapter = get_adapter(session=session, name=name)
+        if adapter is None:
+            _fail(f"no adapter named {name!r}")
+        trail = history(session=session, adapter_id=adapter.id)
+        typer.echo(f"{adapter.name}: {adapter.state}, {adapter.path}")
+        manifest = {
+            k: v for k, v in adapter.manifest.items() if k not in ("record_ids", "pair_ids")
+        }
+        typer.echo(
+            json.dumps(
+                {"manifest": manifest, "evaluation": adapter.evaluation}, indent=2, default=str
+            )
+        )
+        for t in trail:
+            typer.echo(
+                f"  {t.at:%Y-%m-%d %H:%M:%S}  {t.from_state or '-':>10} -> "
+                f"{t.to_state:<10} {t.actor}: {t.reason}"
+            )
+    engine.dispose()
+
+
+def _checked_path(name: str) -> None:
+    """Refuse, before the registry changes, an adapter no server could load."""
+    from server.engine.adapters import AdapterRejectedError, base_fingerprint, check_adapter
+    from server.engine.vllm_engine import resolve_model_dir
+    from server.store.adapters import get_adapter
+
+    settings = get_settings()
+    session, engine = _session()
+    with session:
+        adapter = get_adapter(session=session, name=name)
+        path = adapter.path if adapter is not None else None
+    engine.dispose()
+    if path is None:
+        _fail(f"no adapter named {name!r}; `kaizen adapters list` shows them")
+    base = resolve_model_dir(settings)
+    try:
+        check_adapter(
+            Path(path),
+            max_rank=settings.max_lora_rank,
+            base_sha256=base_fingerprint(base)["sha256"],
+        )
+    except AdapterRejectedError as exc:
+        _fail(f"adapter {name} refused: {exc}")
+
+
+def _rollout_call(work) -> None:  # type: ignore[no-untyped-def]
+    from server.services.rollout import RolloutError
+    from server.store.adapters import TransitionError
+
+    session, engine = _session()
+    try:
+        with session:
+            for change in work(session):
+                typer.echo(change)
+    except (RolloutError, TransitionError, LookupError, ValueError) as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    name: str,
+    to: str = typer.Option(..., help="canary or active."),
+    reason: str = typer.Option("", help="Kept in the audit trail."),
+) -> None:
+    """Make an approved adapter the canary, or an approved/canary one active."""
+    from server.services.rollout import promote
+
+    _checked_path(name)
+    _rollout_call(lambda s: promote(session=s, name=name, to=to, actor=_CLI_ACTOR, reason=reason))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(reason: str = typer.Option("", help="Kept in the audit trail.")) -> None:
+    """Retire the canary; without one, restore the previously active version."""
+    from server.services.rollout import rollback
+
+    _rollout_call(lambda s: rollback(session=s, actor=_CLI_ACTOR, reason=reason))
+
+
+@adapters_app.command("pin")
+def adapters_pin(
+    name: str = typer.Argument(None, help="The version everybody gets; omit with --none."),
+    none: bool = typer.Option(False, "--none", help="Unpin."),
+) -> None:
+    """Serve one version to everybody (no canary, no automatic moves), or unpin."""
+    from server.services.rollout import pin
+
+    if (name is None) == (not none):
+        _fail("give an adapter name, or --none to unpin")
+    if name is not None:
+        _checked_path(name)
+    _rollout_call(lambda s: pin(session=s, name=name, actor=_CLI_ACTOR))
+
+
+@rollout_app.command("show")
+def rollout_show() -> None:
+    """The active and canary versions and the rollout switches."""
+    from server.store.adapters import active_adapter, canary_adapter
+    from server.store.models import Adapter
+    from server.store.rollout import get_rollout_state
+
+    session, engine = _session()
+    with session:
+        state = get_rollout_state(session=session)
+        active, canary = active_adapter(session=session), canary_adapter(session=session)
+        pinned = session.get(Adapter, state.pinned_adapter_id) if state.pinned_adapter_id else None
+        typer.echo(f"active: {active.name if active else '(base model)'}")
+        typer.echo(f"canary: {canary.name if canary else '-'} (share {state.canary_share})")
+        typer.echo(f"pinned: {pinned.name if pinned else '-'}")
+        typer.echo(f"automatic rollout: {'on' if state.auto_rollout else 'paused'}")
+        typer.echo(f"training: {'paused' if state.training_paused else 'on'}")
+        typer.echo(f"last change: {state.updated_at:%Y-%m-%d %H:%M:%S} by {state.updated_by}")
+    engine.dispose()
+
+
+@rollout_app.command("set")
+def rollout_set(
+    canary_share: float = typer.Option(None, min=0.0, max=1.0, help="Share of tokens (0..1)."),
+    auto: bool = typer.Option(None, "--auto/--no-auto", help="Automatic promote/rollback."),
+    training: bool = typer.Option(None, "--training/--no-training", help="Scheduled rounds."),
+) -> None:
+    """Change the canary share, pause or resume automatic rollout and training."""
+    from server.store.rollout import set_rollout_state
+
+    fields = {
+        k: v
+        for k, v in {
+            "canary_share": canary_share,
+            "auto_rollout": auto,
+            "training_paused": None if training is None else not training,
+        }.items()
+        if v is not None
+    }
+    if not fields:
+        _fail("nothing to change; see --help")
+
+    def work(session):  # type: ignore[no-untyped-def]
+        set_rollout_state(session=session, actor=_CLI_ACTOR, **fields)
+        return [f"{k} = {v}" for k, v in fields.items()]
+
+    _rollout_call(work)
 
 
 @db_app.command("upgrade")

@@ -3,7 +3,8 @@ finishes a round that was killed before it starts a new one.
 
 A round is due when at least ``min_new_records`` new CI verdicts arrived since the last round's
 cut-off (trigger ``records``), or ``interval_hours`` passed since the last round and at least
-one verdict is new (trigger ``schedule``). One round at a time: the worker holds an exclusive
+one verdict is new (trigger ``schedule``), unless ops paused training (``kaizen rollout set
+--no-training``, or ``PUT /v1/rollout``). One round at a time: the worker holds an exclusive
 file lock (``rounds_dir/.lock``) while it works, so a second worker on the same host, or a
 manual ``kaizen train``, waits its turn or gives up. A round left ``running`` in the database
 while nobody holds the lock was killed; the next tick resumes it (see :mod:`trainer.round`).
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
 from server.store import rounds as round_store
+from server.store.rollout import get_rollout_state
 from trainer.config import TrainConfig
 from trainer.round import RoundOptions, RoundReport
 
@@ -113,6 +115,9 @@ class RoundWorker:
         try:
             with round_lock(self.rounds_dir):
                 with self.session_factory() as session:
+                    if get_rollout_state(session=session).training_paused:
+                        log.info("event=training_paused")  # `kaizen rollout set --training`
+                        return None
                     unfinished = round_store.unfinished_rounds(session=session)
                     trigger = None if unfinished else due_trigger(session, self.schedule)
                 if unfinished:

@@ -24,6 +24,7 @@ from server.store import rounds as round_store
 from server.store.completions import ChoiceRecord, CompletionRecord, save_completions
 from server.store.feedback import save_outcome
 from server.store.models import TrainingRound
+from server.store.rollout import set_rollout_state
 from tests.utils.tiny_model import build_tiny_model
 from trainer.config import TrainConfig
 from trainer.round import RoundOptions, chosen_logp_alarm, run_round
@@ -385,6 +386,12 @@ def test_one_round_at_a_time(session_factory: sessionmaker[Session], tmp_path: P
             pass
         assert worker.tick() is None  # busy: nothing runs
     assert calls == []
+    with session_factory() as session:
+        set_rollout_state(session=session, actor="ops", training_paused=True)
+    assert worker.tick() is None  # paused by ops
+    assert calls == []
+    with session_factory() as session:
+        set_rollout_state(session=session, actor="ops", training_paused=False)
     worker.tick()
     assert calls == ["records"]
 
