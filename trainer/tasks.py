@@ -78,6 +78,15 @@ def _mbpp_prompt(row: dict[str, object]) -> str | None:
     return f'{head}\n    """\n{doc}\n    """\n'
 
 
+def _mbpp_test(row: dict[str, object]) -> str:
+    """The base asserts. A few use ``math.isclose`` without importing math (EvalPlus's harness
+    has it imported): import it here, or a correct solution fails with a NameError."""
+    test = str(row["assertion"]).strip() + "\n"
+    if re.search(r"\bmath\.", test) and not re.search(r"^import math\b", test, re.M):
+        test = "import math\n\n" + test
+    return test
+
+
 def load_mbpp(path: str | Path, split: Split | None = None) -> list[Task]:
     """MBPP+ tasks of ``split`` (all of them for None), in task-id hash order, with the base
     asserts (``assertion``) as the test. Tasks whose signature cannot be cut out are skipped."""
@@ -99,7 +108,7 @@ def load_mbpp(path: str | Path, split: Split | None = None) -> list[Task]:
                 source="mbpp",
                 prompt=prompt,
                 suffix=END_OF_FILE,
-                test=str(row["assertion"]).strip() + "\n",
+                test=_mbpp_test(row),
             )
         )
     return tasks

@@ -20,7 +20,6 @@ from server.engine.adapters import (
     AdapterRejectedError,
     base_fingerprint,
     check_adapter,
-    read_adapter_rank,  # noqa: F401 - still imported from here by trainer/generate.py
 )
 from server.engine.base import (
     AdapterInfo,

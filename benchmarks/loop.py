@@ -1,0 +1,333 @@
+"""The whole loop, measured: simulated users on MBPP+'s train split, training rounds through the
+product, and held-out pass@1 before and after each round.
+
+Per round k (1..``--rounds``):
+
+1. ``kaizen serve`` (a subprocess, the bundled model; from round 2 on with round k-1's adapter
+   loaded and requested by the simulated users) takes ``--samples`` fill-in-the-middle requests
+   per train task from ``benchmarks/simulate.py``, whose CI runs the tests in the sandbox and
+   reports the outcomes with their test code;
+2. the server stops (the trainer gets the cores) and :func:`trainer.round.run_round` runs: pairs
+   from the outcomes (resampling with round k-1's adapter where a task has only one side),
+   CDAS selection, DPO+NLL continuing from round k-1's adapter, a candidate in the registry;
+3. greedy pass@1 of the new adapter on the held-out suites, paired against the base (exact
+   McNemar test), in the sandbox.
+
+Held-out suites: MBPP+'s ``test`` split (never simulated, never trained on) and HumanEval.
+``--eval-mbpp N`` / ``--eval-humaneval N`` take a seeded subset of N tasks (0: all) for a
+reduced run; the task ids are recorded. Prints a table and writes JSON to
+``benchmarks/results/loop-<timestamp>.json`` after every stage, so a cut-short run keeps what
+it measured.
+
+The full run (GPU host)::
+
+    .venv/bin/python benchmarks/loop.py --rounds 2
+
+The reduced run on a 2-core CPU (what the closing note reports)::
+
+    .venv/bin/python benchmarks/loop.py --rounds 2 --train-tasks 40 --samples 4 \\
+        --eval-mbpp 0 --eval-humaneval 40 --resample 4 --max-steps 8 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `trainer` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import LOOPBACK, REPO_ROOT, RESULTS_DIR, ServerProcess, utc_stamp
+from benchmarks.simulate import DEFAULT_DATA, simulate
+from server.config import Settings
+from server.engine.vllm_engine import resolve_model_dir
+from server.store.db import make_engine, make_session_factory, upgrade
+from server.store.tokens import Role, create_token
+from trainer.config import TrainConfig
+from trainer.evaluate import EvalResult, compare, evaluate, load_suite
+from trainer.round import RoundOptions, RoundReport, run_round
+from trainer.sandbox import Sandbox
+from trainer.tasks import Task, load_mbpp
+
+log = logging.getLogger("benchmarks.loop")
+
+SUITES = ("mbpp_test", "humaneval")
+
+
+def _subset(tasks: list[Task], n: int, seed: int) -> list[Task]:
+    if n <= 0 or n >= len(tasks):
+        return tasks
+    picked = random.Random(seed).sample(range(len(tasks)), n)
+    return [tasks[i] for i in sorted(picked)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+class Loop:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.home = Path(args.home or RESULTS_DIR / f"loop-{utc_stamp()}").resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        cache = Path(args.model_cache).expanduser() if args.model_cache else None
+        self.settings = Settings(
+            _env_file=None,
+            home=self.home,
+            model_cache=cache or Settings(_env_file=None).model_cache,  # type: ignore[call-arg]
+        )
+        self.model_dir = resolve_model_dir(self.settings)
+        upgrade(self.settings.database_url)
+        self.db = make_engine(self.settings.database_url)
+        self.factory = make_session_factory(self.db)
+        with self.factory() as session:
+            self.tokens = {
+                role: create_token(session=session, name=f"loop-{role.value}", role=role)[1]
+                for role in (Role.IDE, Role.CI)
+            }
+        self.sandbox = Sandbox(workers=2)
+        data = Path(args.data)
+        self.train_tasks = load_mbpp(data, "train")[: args.train_tasks or None]
+        self.suites = {
+            "mbpp_test": _subset(load_suite("mbpp_test", mbpp_path=data), args.eval_mbpp, 1),
+            "humaneval": _subset(load_suite("humaneval", mbpp_path=data), args.eval_humaneval, 2),
+        }
+        self.results: dict[str, Any] = {
+            "command": " ".join(sys.argv),
+            "home": str(self.home),
+            "model_dir": str(self.model_dir),
+            "train_tasks": [t.task_id for t in self.train_tasks],
+            "suites": {name: [t.task_id for t in tasks] for name, tasks in self.suites.items()},
+            "evaluations": {},
+            "rounds": [],
+        }
+        self.out = Path(args.out) if args.out else RESULTS_DIR / f"loop-{utc_stamp()}.json"
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+
+    def generator(self) -> Any:
+        from trainer.generate import VllmGenerator
+
+        s = self.settings
+        return VllmGenerator(
+            self.model_dir,
+            max_model_len=s.max_model_len,
+            max_lora_rank=s.max_lora_rank,
+            kv_cache_gib=s.kv_cache_gib,
+            dtype=s.dtype,
+            seed=s.seed,
+        )
+
+    def evaluate(self, label: str, adapter: Path | None) -> dict[str, EvalResult]:
+        started = time.perf_counter()
+        out = {}
+        with self.generator() as generator:
+            for name, tasks in self.suites.items():
+                out[name] = evaluate(
+                    generator,
+                    tasks,
+                    suite=name,
+                    sandbox=self.sandbox,
+                    adapter=adapter,
+                    max_tokens=self.args.max_tokens,
+                )
+                log.info(
+                    "event=eval label=%s suite=%s pass@1=%.3f", label, name, out[name].pass_at_1
+                )
+        self.results["evaluations"][label] = {name: r.to_json() for name, r in out.items()} | {
+            "duration_s": round(time.perf_counter() - started, 1)
+        }
+        self.save()
+        return out
+
+    def traffic(self, k: int, adapter: tuple[str, Path] | None) -> dict[str, Any]:
+        port = _free_port()
+        env = {
+            **os.environ,
+            "KAIZEN_HOME": str(self.home),
+            "KAIZEN_MODEL_CACHE": str(self.settings.model_cache),
+            "KAIZEN_PORT": str(port),
+            "KAIZEN_DATABASE_URL": self.settings.database_url,
+            "KAIZEN_ADAPTERS": json.dumps({adapter[0]: str(adapter[1])} if adapter else {}),
+        }
+        kaizen = str(Path(sys.executable).with_name("kaizen"))
+        server = ServerProcess(
+            "kaizen serve",
+            [kaizen, "serve"],
+            env=env,
+            cwd=REPO_ROOT,
+            log_path=self.home / f"server-round{k}.log",
+        )
+        url = f"http://{LOOPBACK}:{port}"
+        try:
+            server.wait_ready(f"{url}/readyz", timeout=900)
+            result = simulate(
+                url=url,
+                ide_token=self.tokens[Role.IDE],
+                ci_token=self.tokens[Role.CI],
+                tasks=self.train_tasks,
+                samples=self.args.samples,
+                temperature=self.args.temperature,
+                max_tokens=self.args.max_tokens,
+                seed=1000 * k,
+                concurrency=self.args.concurrency,
+                repository="sim/mbpp",
+                fix_rate=self.args.fix_rate,
+                sandbox=self.sandbox,
+                model=adapter[0] if adapter else None,
+            )
+        finally:
+            server.stop()
+        summary = {k: v for k, v in result.to_dict().items() if k != "rows"}
+        log.info("event=traffic round=%d %s", k, summary)
+        return summary
+
+    def round(self, k: int, parent: str | None) -> RoundReport:
+        a = self.args
+        config = TrainConfig(
+            max_steps=a.max_steps,
+            batch_size=a.batch_size,
+            gradient_accumulation=a.gradient_accumulation,
+            epochs=a.epochs,
+            seed=k,
+        )
+        options = RoundOptions(n_resample=a.resample, seed=k)
+        return run_round(
+            session_factory=self.factory,
+            base_model_dir=self.model_dir,
+            rounds_dir=self.settings.rounds_dir or self.home / "rounds",
+            config=config,
+            options=options,
+            generator_factory=self.generator,
+            parent=parent,
+            trigger="manual",
+        )
+
+    def run(self) -> int:
+        base = self.evaluate("base", None)
+        parent: tuple[str, Path] | None = None
+        for k in range(1, self.args.rounds + 1):
+            entry: dict[str, Any] = {"round": k, "parent": parent[0] if parent else None}
+            self.results["rounds"].append(entry)
+            entry["traffic"] = self.traffic(k, parent)
+            self.save()
+            report = self.round(k, parent[0] if parent else None)
+            entry["report"] = asdict(report)
+            self.save()
+            if report.status != "succeeded" or report.adapter_dir is None:
+                log.error(
+                    "event=round_not_succeeded round=%d status=%s error=%s",
+                    k,
+                    report.status,
+                    report.error,
+                )
+                break
+            assert report.adapter_name is not None
+            manifest = json.loads((report.adapter_dir / "manifest.json").read_text())
+            entry["manifest"] = {k2: v for k2, v in manifest.items() if k2 != "record_ids"}
+            entry["manifest"]["record_ids_count"] = len(manifest.get("record_ids", []))
+            after = self.evaluate(f"round{k}", report.adapter_dir)
+            entry["comparison_vs_base"] = {
+                name: asdict(compare(base[name], after[name])) for name in self.suites
+            }
+            if k > 1:
+                before = self.results["evaluations"][f"round{k - 1}"]
+                entry["comparison_vs_previous"] = {
+                    name: asdict(compare(EvalResult.from_json(before[name]), after[name]))
+                    for name in self.suites
+                }
+            self.save()
+            parent = (report.adapter_name, report.adapter_dir)
+        print_table(self.results)
+        print(f"\nresults: {self.out}")
+        return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    evals = results["evaluations"]
+    labels = list(evals)
+    print()
+    header = f"{'suite':<11} {'tasks':>5} " + " ".join(f"{label:>10}" for label in labels)
+    print(header)
+    print("-" * len(header))
+    for suite in SUITES:
+        if suite not in evals.get("base", {}):
+            continue
+        n = len(evals["base"][suite]["task_ids"])
+        cells = []
+        for label in labels:
+            r = evals[label][suite]
+            cells.append(f"{100 * sum(r['passed']) / max(len(r['passed']), 1):>9.1f}%")
+        print(f"{suite:<11} {n:>5} " + " ".join(cells))
+    for entry in results["rounds"]:
+        comparison = entry.get("comparison_vs_base")
+        if not comparison:
+            continue
+        print(f"\nround {entry['round']} vs base:")
+        for suite, c in comparison.items():
+            delta = 100 * (c["candidate_passed"] - c["base_passed"]) / max(c["n"], 1)
+            print(
+                f"  {suite:<11} {delta:+6.1f} points  wins {c['wins']:>3}  losses "
+                f"{c['losses']:>3}  McNemar p={c['p_value']:.3f}"
+            )
+        report = entry.get("report", {})
+        funnel = report.get("funnel", {})
+        pairs = funnel.get("pairs", {})
+        selected = funnel.get("selection", {}).get("selected")
+        steps = report.get("metrics", {}).get("steps")
+        print(
+            f"  funnel: outcomes {funnel.get('outcome_records')}, pairs {pairs.get('pairs')} "
+            f"{pairs.get('pairs_by_source')}, selected {selected}, "
+            f"trained {funnel.get('trained_pairs')}; steps {steps}"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--data", default=os.environ.get("KAIZEN_MBPP_PATH", str(DEFAULT_DATA)))
+    p.add_argument("--home", help="Working directory (database, rounds, logs); default: new.")
+    p.add_argument("--model-cache", help="Where the bundled model is (default: ~/.kaizen/models).")
+    p.add_argument("--train-tasks", type=int, default=0, help="First N train tasks (0: all).")
+    p.add_argument("--samples", type=int, default=4, help="IDE requests per train task.")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-tokens", type=int, default=384)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--fix-rate", type=float, default=0.0)
+    p.add_argument("--eval-mbpp", type=int, default=0, help="Seeded subset size (0: all).")
+    p.add_argument("--eval-humaneval", type=int, default=0, help="Seeded subset size (0: all).")
+    p.add_argument("--resample", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=-1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gradient-accumulation", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--out", help="JSON results path.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+    )
+    args = _parser().parse_args(argv)
+    return Loop(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
