@@ -35,7 +35,9 @@ def served_by(client: TestClient, headers: dict[str, str]) -> str:
         json={"model": "fake-model", "prompt": "x = ", "max_tokens": 40, "temperature": 0},
     )
     assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
+    served = response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
+    assert response.headers["X-Kaizen-Adapter"] == served
+    return served
 
 
 def promote(client: TestClient, auth: dict[str, dict[str, str]], name: str, to: str) -> Any:
