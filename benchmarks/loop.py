@@ -207,7 +207,12 @@ class Loop:
             epochs=a.epochs,
             seed=k,
         )
-        options = RoundOptions(n_resample=a.resample, seed=k)
+        options = RoundOptions(
+            n_resample=a.resample,
+            seed=k,
+            min_pairs=a.min_pairs,
+            select_fraction=a.select_fraction,
+        )
         return run_round(
             session_factory=self.factory,
             base_model_dir=self.model_dir,
@@ -269,11 +274,11 @@ def print_table(results: dict[str, Any]) -> None:
     for suite in SUITES:
         if suite not in evals.get("base", {}):
             continue
-        n = len(evals["base"][suite]["task_ids"])
+        n = evals["base"][suite]["n"]
         cells = []
         for label in labels:
             r = evals[label][suite]
-            cells.append(f"{100 * sum(r['passed']) / max(len(r['passed']), 1):>9.1f}%")
+            cells.append(f"{100 * r['pass_at_1']:>9.1f}%")
         print(f"{suite:<11} {n:>5} " + " ".join(cells))
     for entry in results["rounds"]:
         comparison = entry.get("comparison_vs_base")
@@ -313,6 +318,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-mbpp", type=int, default=0, help="Seeded subset size (0: all).")
     p.add_argument("--eval-humaneval", type=int, default=0, help="Seeded subset size (0: all).")
     p.add_argument("--resample", type=int, default=8)
+    p.add_argument("--min-pairs", type=int, default=4, help="Fewer pairs: the round is skipped.")
+    p.add_argument("--select-fraction", type=float, default=0.5, help="CDAS share per cluster.")
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gradient-accumulation", type=int, default=1)
@@ -323,7 +330,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        force=True,  # vLLM configures logging on import
     )
     args = _parser().parse_args(argv)
     return Loop(args).run()

@@ -25,6 +25,7 @@ from server.store.completions import ChoiceRecord, CompletionRecord, save_comple
 from server.store.feedback import save_outcome
 from server.store.models import TrainingRound
 from server.store.rollout import set_rollout_state
+from tests.trainer.test_train import _config as tiny_config
 from tests.utils.tiny_model import build_tiny_model
 from trainer.config import TrainConfig
 from trainer.round import RoundOptions, chosen_logp_alarm, run_round
@@ -51,19 +52,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(**overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {
-        "batch_size": 4,
-        "max_steps": 2,
-        "warmup_steps": 0,
-        "learning_rate": 1e-3,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "max_length": 128,
-        "gradient_checkpointing": False,
-        "save_steps": 1000,
-    }
-    values.update(overrides)
-    return TrainConfig(**values)
+    """The tiny recipe of tests/trainer/test_train.py, without intermediate checkpoints."""
+    return tiny_config(**{"save_steps": 1000, **overrides})
 
 
 def _options(**overrides: Any) -> RoundOptions:
