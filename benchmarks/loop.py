@@ -56,6 +56,7 @@ from trainer.evaluate import EvalResult, compare, evaluate, load_suite
 from trainer.round import RoundOptions, RoundReport, run_round
 from trainer.sandbox import Sandbox
 from trainer.tasks import Task, load_mbpp
+from trainer.worker import vllm_generator_factory
 
 log = logging.getLogger("benchmarks.loop")
 
@@ -90,6 +91,7 @@ class Loop:
         )
         self.model_dir = resolve_model_dir(self.settings)
         upgrade(self.settings.database_url)
+        _setup_logging()  # Alembic's logging config turned ours off
         self.db = make_engine(self.settings.database_url)
         self.factory = make_session_factory(self.db)
         with self.factory() as session:
@@ -122,17 +124,7 @@ class Loop:
         self.out.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
 
     def generator(self) -> Any:
-        from trainer.generate import VllmGenerator
-
-        s = self.settings
-        return VllmGenerator(
-            self.model_dir,
-            max_model_len=s.max_model_len,
-            max_lora_rank=s.max_lora_rank,
-            kv_cache_gib=s.kv_cache_gib,
-            dtype=s.dtype,
-            seed=s.seed,
-        )
+        return vllm_generator_factory(self.settings, self.model_dir)()
 
     def evaluate(self, label: str, adapter: Path | None) -> dict[str, EvalResult]:
         started = time.perf_counter()
@@ -328,12 +320,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        force=True,  # vLLM configures logging on import
+        force=True,  # vLLM and Alembic configure logging of their own
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     args = _parser().parse_args(argv)
     return Loop(args).run()
 

@@ -182,6 +182,12 @@ def train(
         "(default: KAIZEN_TRAIN_RESAMPLE; 0 turns resampling off).",
     ),
     select: bool = typer.Option(True, "--select/--no-select", help="CDAS selection."),
+    gate: bool = typer.Option(
+        None,
+        "--gate/--no-gate",
+        help="Gate the candidate afterwards and, if approved, make "
+        "it the canary (default: KAIZEN_TRAIN_AUTO_GATE).",
+    ),
 ) -> None:
     """Run a training round now: records -> pairs -> selection -> DPO+NLL -> a candidate."""
     from server.store.db import make_engine, make_session_factory
@@ -190,6 +196,8 @@ def train(
     from trainer.worker import RoundBusyError, RoundWorker, Schedule, round_lock, round_runner
 
     settings = get_settings()
+    if gate is not None:
+        settings = settings.model_copy(update={"train_auto_gate": gate})
     _setup_logging(settings.log_level)
     assert settings.rounds_dir is not None
     config = TrainConfig(max_steps=max_steps if max_steps is not None else settings.train_max_steps)
@@ -240,8 +248,48 @@ def train(
         typer.secho(f"alarm: {alarm}", fg=typer.colors.YELLOW, err=True)
     if report.adapter_name:
         typer.echo(f"candidate adapter: {report.adapter_name} at {report.adapter_dir}")
+    if report.gate:
+        typer.echo(f"gate: {report.gate['decision']}: " + "; ".join(report.gate["reasons"]))
+        for change in report.gate["changes"]:
+            typer.echo(f"  {change}")
     if report.status in ("stopped", "failed"):
         raise typer.Exit(1)
+
+
+@app.command("gate")
+def gate_command(
+    name: str = typer.Argument(..., help="A candidate adapter (see `kaizen adapters list`)."),
+    limit: int = typer.Option(None, help="Tasks per suite (default: KAIZEN_GATE_LIMIT; 0: all)."),
+    canary: bool = typer.Option(False, "--canary", help="If approved, make it the canary."),
+) -> None:
+    """Evaluate a candidate against the active adapter and approve or reject it."""
+    from server.engine.vllm_engine import resolve_model_dir
+    from server.store.db import make_engine, make_session_factory
+    from trainer.worker import gate_and_canary, vllm_generator_factory
+
+    settings = get_settings()
+    if limit is not None:
+        settings = settings.model_copy(update={"gate_limit": limit})
+    _setup_logging(settings.log_level)
+    model_dir = resolve_model_dir(settings)
+    db = make_engine(settings.database_url)
+    try:
+        out = gate_and_canary(
+            settings,
+            make_session_factory(db),
+            name,
+            vllm_generator_factory(settings, model_dir),
+            canary=canary,
+        )
+    except (ValueError, LookupError) as exc:
+        _fail(str(exc))
+    finally:
+        db.dispose()
+    typer.echo(f"{name}: {out['decision']}")
+    for reason in out["reasons"]:
+        typer.echo(f"  {reason}")
+    for change in out["changes"]:
+        typer.echo(f"  {change}")
 
 
 @app.command()

@@ -101,6 +101,20 @@ class Settings(BaseSettings):
     train_max_steps: int = Field(
         -1, ge=-1, description="Cap on optimiser steps per round; -1 trains full epochs."
     )
+    train_auto_gate: bool = Field(
+        True,
+        description="After a round, run the gate on its candidate and, if approved and "
+        "automatic rollout is on, make it the canary.",
+    )
+
+    # --- the evaluation gate
+    mbpp_path: Path | None = Field(
+        None, description="MBPP+ jsonl for the gate's mbpp_dev suite; unset: that suite is skipped."
+    )
+    gate_limit: int = Field(0, ge=0, description="Tasks per gate suite (0: all); for CPU hosts.")
+    gate_margin_points: float = Field(
+        1.0, ge=0, description="Pooled pass@1 gain (points) a candidate needs over the active one."
+    )
 
     @field_validator("home", mode="after")
     @classmethod

@@ -101,6 +101,7 @@ class RoundReport:
     adapter_dir: Path | None = None
     parent_adapter: str | None = None
     error: str | None = None
+    gate: dict[str, Any] | None = None  # the gate's decision, when the worker ran it
 
 
 class Generator:

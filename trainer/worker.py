@@ -153,6 +153,26 @@ class RoundWorker:
             stop.wait(self.poll_seconds)
 
 
+def vllm_generator_factory(settings: Settings, model_dir: Path) -> Callable[[], Any]:
+    """Builds the trainer's vLLM engine with the server's limits (context, LoRA rank, KV cache),
+    for resampling and the gate; each call starts a fresh one (close it when done)."""
+
+    def make() -> Any:
+        from trainer.generate import VllmGenerator
+
+        return VllmGenerator(
+            model_dir,
+            max_model_len=settings.max_model_len,
+            max_lora_rank=settings.max_lora_rank,
+            kv_cache_gib=settings.kv_cache_gib,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+        )
+
+    return make
+
+
 def round_runner(
     settings: Settings,
     *,
@@ -174,23 +194,12 @@ def round_runner(
     config = config or TrainConfig(max_steps=settings.train_max_steps)
     options = options or RoundOptions(n_resample=settings.train_resample)
 
-    def generator() -> Any:
-        from trainer.generate import VllmGenerator
-
-        return VllmGenerator(
-            base_model_dir,
-            max_model_len=settings.max_model_len,
-            max_lora_rank=settings.max_lora_rank,
-            kv_cache_gib=settings.kv_cache_gib,
-            dtype=settings.dtype,
-            enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
-        )
+    generator = vllm_generator_factory(settings, base_model_dir)
 
     def run(trigger: str, resume_round_id: int | None) -> RoundReport:
         db = make_engine(settings.database_url)
         try:
-            return run_round(
+            report = run_round(
                 session_factory=make_session_factory(db),
                 base_model_dir=base_model_dir,
                 rounds_dir=rounds_dir,
@@ -203,7 +212,82 @@ def round_runner(
                 resume_round_id=resume_round_id,
                 progress=progress,
             )
+            if report.status == "succeeded" and report.adapter_name and settings.train_auto_gate:
+                factory = make_session_factory(db)
+                report.gate = gate_and_canary(
+                    settings, factory, report.adapter_name, generator, progress=progress
+                )
+            return report
         finally:
             db.dispose()
 
     return run
+
+
+def gate_config(settings: Settings) -> Any:
+    """The gate as the settings describe it (MBPP+'s dev split only where its file is set)."""
+    from trainer.gate import GATE_SUITES, GateConfig
+
+    suites = tuple(s for s in GATE_SUITES if s != "mbpp_dev" or settings.mbpp_path is not None)
+    return GateConfig(
+        suites=suites, limit=settings.gate_limit, margin_points=settings.gate_margin_points
+    )
+
+
+def gate_and_canary(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    adapter_name: str,
+    generator: Callable[[], Any],
+    *,
+    canary: bool = True,
+    progress: bool = True,
+    suites: Any = None,
+) -> dict[str, Any]:
+    """Gate a candidate; an approved one becomes the canary when ``canary`` and automatic
+    rollout is on (not paused, nothing pinned). Returns the decision, reasons and changes.
+    ``suites`` (name -> tasks) replaces the configured suites (tests use toy ones)."""
+    from server.services.rollout import RolloutError, promote
+    from trainer.gate import run_gate
+    from trainer.sandbox import Sandbox
+
+    engine = generator()
+    try:
+        result = run_gate(
+            session_factory=session_factory,
+            adapter_name=adapter_name,
+            generator=engine,
+            sandbox=Sandbox(workers=2),
+            mbpp_path=settings.mbpp_path or Path("mbppplus.jsonl"),
+            config=gate_config(settings),
+            progress=progress,
+            suites=suites,
+        )
+    finally:
+        engine.close()
+    out: dict[str, Any] = {"decision": result.decision, "reasons": result.reasons, "changes": []}
+    if result.approved and canary:
+        with session_factory() as session:
+            state = get_rollout_state(session=session)
+            if state.auto_rollout and state.pinned_adapter_id is None:
+                try:
+                    out["changes"] = promote(
+                        session=session,
+                        name=adapter_name,
+                        to="canary",
+                        actor="trainer",
+                        reason="approved by the gate",
+                    )
+                except RolloutError as exc:
+                    out["changes"] = [f"not made the canary: {exc}"]
+            else:
+                out["changes"] = [
+                    "automatic rollout is paused or a version is pinned: promote it by hand"
+                ]
+    log.info(
+        "event=gate_done adapter=%s decision=%s changes=%r",
+        adapter_name,
+        result.decision,
+        out["changes"],
+    )
+    return out

@@ -90,6 +90,7 @@ def upgrade() -> None:
         sa.Column("training_paused", sa.Boolean(), nullable=False),
         sa.Column("pinned_adapter_id", sa.Integer(), nullable=True),
         sa.Column("canary_started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("active_history", sa.JSON(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_by", sa.String(length=200), nullable=False),
         sa.ForeignKeyConstraint(["pinned_adapter_id"], ["adapters.id"]),

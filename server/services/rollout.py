@@ -117,17 +117,23 @@ def promote(*, session: Session, name: str, to: str, actor: str, reason: str = "
             actor=actor,
             reason=reason or "promoted to active",
         )
-        if current is not None and current.id != adapter.id:
-            registry.transition(
-                session=session,
-                adapter=current,
-                to_state="retired",
-                actor=actor,
-                reason=f"replaced by {name}",
-            )
-            changes.append(f"retired {current.name}")
+        fields: dict[str, Any] = {}
+        if current is None or current.id != adapter.id:
+            if current is not None:
+                registry.transition(
+                    session=session,
+                    adapter=current,
+                    to_state="retired",
+                    actor=actor,
+                    reason=f"replaced by {name}",
+                )
+                changes.append(f"retired {current.name}")
+            history = get_rollout_state(session=session).active_history or []
+            fields["active_history"] = [*history, current.id if current else None]
         if was_canary:
-            set_rollout_state(session=session, actor=actor, canary_started_at=None)
+            fields["canary_started_at"] = None
+        if fields:
+            set_rollout_state(session=session, actor=actor, **fields)
         changes.append(f"{name} is active")
         return changes
     except registry.TransitionError as exc:
@@ -148,7 +154,18 @@ def rollback(*, session: Session, actor: str, reason: str = "") -> list[str]:
     active = registry.active_adapter(session=session)
     if active is None:
         raise RolloutError("nothing to roll back: no canary and no active adapter")
-    previous = registry.previous_active(session=session, besides=active.id)
+    # What was active before this one: the top of the stack promotions push (skipping versions
+    # that have since been moved elsewhere by hand); an empty stack means the base model.
+    history = list(get_rollout_state(session=session).active_history or [])
+    previous: Adapter | None = None
+    while history:
+        candidate_id = history.pop()
+        if candidate_id is None:
+            break
+        found = session.get(Adapter, candidate_id)
+        if found is not None and found.state == "retired" and found.id != active.id:
+            previous = found
+            break
     registry.transition(
         session=session, adapter=active, to_state="retired", actor=actor, reason=why
     )
@@ -164,6 +181,7 @@ def rollback(*, session: Session, actor: str, reason: str = "") -> list[str]:
         changes.append(f"{previous.name} is active again")
     else:
         changes.append("the base model serves")
+    set_rollout_state(session=session, actor=actor, active_history=history)
     return changes
 
 

@@ -149,21 +149,3 @@ def canary_adapter(*, session: Session) -> Adapter | None:
     return session.scalar(
         select(Adapter).where(Adapter.state == "canary").order_by(Adapter.id.desc()).limit(1)
     )
-
-
-def previous_active(*, session: Session, besides: int | None) -> Adapter | None:
-    """The retired version that was active most recently (what a rollback restores)."""
-    query = (
-        select(Adapter)
-        .join(AdapterTransition, AdapterTransition.adapter_id == Adapter.id)
-        .where(
-            AdapterTransition.from_state == "active",
-            AdapterTransition.to_state == "retired",
-            Adapter.state == "retired",
-        )
-        .order_by(AdapterTransition.id.desc())
-        .limit(1)
-    )
-    if besides is not None:
-        query = query.where(Adapter.id != besides)
-    return session.scalar(query)

@@ -47,6 +47,17 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value
 
 
+class SafeText(TypeDecorator[str]):
+    """Text that any database stores: PostgreSQL refuses NUL characters in text, and models
+    (or clients) do produce them, so they are stored as U+FFFD instead of failing the row."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return value.replace("\x00", "\ufffd") if value is not None else None
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -77,22 +88,22 @@ class Completion(Base):
     endpoint: Mapped[str] = mapped_column(String(16))  # "completions" | "chat"
     model: Mapped[str] = mapped_column(String(200))  # what the client asked for
     adapter: Mapped[str | None] = mapped_column(String(200), index=True)  # None: base model
-    prompt: Mapped[str] = mapped_column(Text)
-    suffix: Mapped[str | None] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(SafeText())
+    suffix: Mapped[str | None] = mapped_column(SafeText())
     messages: Mapped[list[Any] | None] = mapped_column(JSON)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     stream: Mapped[bool] = mapped_column(Boolean)
     # "completed": every choice finished; "aborted": the client went away;
     # "failed": the engine or server failed the request.
     status: Mapped[str] = mapped_column(String(16), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(SafeText())
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
     language: Mapped[str | None] = mapped_column(String(64))
-    file_path: Mapped[str | None] = mapped_column(Text)
-    repository: Mapped[str | None] = mapped_column(Text)
+    file_path: Mapped[str | None] = mapped_column(SafeText())
+    repository: Mapped[str | None] = mapped_column(SafeText())
 
     choices: Mapped[list[CompletionChoice]] = relationship(
         back_populates="completion", order_by="CompletionChoice.index", lazy="selectin"
@@ -108,7 +119,7 @@ class CompletionChoice(Base):
         ForeignKey("completions.id", ondelete="CASCADE"), primary_key=True
     )
     index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    text: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(SafeText())
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     tokens: Mapped[int] = mapped_column(Integer, default=0)
 
@@ -128,7 +139,7 @@ class CompletionEvent(Base):
     type: Mapped[str] = mapped_column(String(32))
     timestamp: Mapped[datetime] = mapped_column(UtcDateTime())
     accepted_length: Mapped[int | None] = mapped_column(Integer)
-    text: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str | None] = mapped_column(SafeText())
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
     received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
@@ -143,9 +154,9 @@ class LedgerEntry(Base):
     )
     choice_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository: Mapped[str] = mapped_column(String(512), index=True)
-    file_path: Mapped[str] = mapped_column(Text)
-    inserted_text: Mapped[str] = mapped_column(Text)
-    current_text: Mapped[str] = mapped_column(Text)
+    file_path: Mapped[str] = mapped_column(SafeText())
+    inserted_text: Mapped[str] = mapped_column(SafeText())
+    current_text: Mapped[str] = mapped_column(SafeText())
     start_offset: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))  # "active" | "removed"
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
@@ -165,7 +176,7 @@ class CiRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     tests: Mapped[list[Any]] = mapped_column(JSON)
-    log_tail: Mapped[str] = mapped_column(Text, default="")
+    log_tail: Mapped[str] = mapped_column(SafeText(), default="")
     raw: Mapped[dict[str, Any]] = mapped_column(JSON)
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"))
     received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
@@ -183,12 +194,12 @@ class CompletionOutcome(Base):
         ForeignKey("completions.id", ondelete="CASCADE"), index=True
     )
     choice_index: Mapped[int] = mapped_column(Integer, default=0)
-    file_path: Mapped[str] = mapped_column(Text)
-    final_text: Mapped[str] = mapped_column(Text)
+    file_path: Mapped[str] = mapped_column(SafeText())
+    final_text: Mapped[str] = mapped_column(SafeText())
     status: Mapped[str] = mapped_column(String(16))
     tests: Mapped[list[Any]] = mapped_column(JSON)
     # Test code that judges the completion in the trainer's sandbox, where the hook sent one.
-    test_code: Mapped[str | None] = mapped_column(Text, default=None)
+    test_code: Mapped[str | None] = mapped_column(SafeText(), default=None)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -208,13 +219,13 @@ class TrainingRound(Base):
     records_until: Mapped[datetime] = mapped_column(UtcDateTime())
     parent_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
-    work_dir: Mapped[str] = mapped_column(Text)
+    work_dir: Mapped[str] = mapped_column(SafeText())
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     funnel: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     durations: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     alarms: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    error: Mapped[str | None] = mapped_column(Text, default=None)
+    error: Mapped[str | None] = mapped_column(SafeText(), default=None)
 
 
 class Adapter(Base):
@@ -230,7 +241,7 @@ class Adapter(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     # The round that trained it (no foreign key: rounds point at adapters, not both ways).
     round_id: Mapped[int | None] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(SafeText())
     base_sha256: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -248,7 +259,7 @@ class AdapterTransition(Base):
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(200))  # "trainer", "gate", "ops:<token name>"
-    reason: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(SafeText(), default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
@@ -265,5 +276,8 @@ class RolloutState(Base):
     # Every request for the base model name gets this version; no canary, no automatic moves.
     pinned_adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     canary_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    # The versions that were active before the current one, oldest first (null: the base
+    # model): each promotion to active pushes, each rollback pops.
+    active_history: Mapped[list[Any]] = mapped_column(JSON, default=list)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_by: Mapped[str] = mapped_column(String(200), default="")

@@ -16,6 +16,7 @@ FIELDS = (
     "training_paused",
     "pinned_adapter_id",
     "canary_started_at",
+    "active_history",
 )
 
 
@@ -30,6 +31,7 @@ def get_rollout_state(*, session: Session) -> RolloutState:
                 canary_share=0.1,
                 auto_rollout=True,
                 training_paused=False,
+                active_history=[],
                 updated_at=utcnow(),
                 updated_by="default",
             )

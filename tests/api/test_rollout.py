@@ -99,6 +99,13 @@ def test_promote_canary_active_and_rollback(
     a1 = next(a for a in listing["data"] if a["name"] == "a1")
     assert a1["online"]["completions"] >= 3 and a1["loaded_here"]
 
+    # Rolling back again goes further back (to the base model), never to a3 again.
+    again = client.post("/v1/rollout/rollback", headers=auth["ops"], json={})
+    assert again.json()["changes"] == ["retired a1", "the base model serves"]
+    assert served_by(client, auth["ide"]) == "base"
+    nothing = client.post("/v1/rollout/rollback", headers=auth["ops"], json={})
+    assert nothing.status_code == 409
+
 
 def test_refused_adapters_leave_serving_untouched(
     client: TestClient,

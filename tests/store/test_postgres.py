@@ -144,3 +144,26 @@ def test_two_replicas_converge_on_the_active_and_canary_set(pg_url: str, tmp_pat
         state = httpx.get(f"{b.url}/v1/rollout", headers=ops_headers).json()
         assert state["replica"]["active"] == "v1" and state["replica"]["canary"] is None
     engine.dispose()
+
+
+def test_text_with_nul_characters_is_recorded(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL refuses NUL in text; a model that emits one must still leave its record."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    with make_session_factory(engine)() as session:
+        _, secret = create_token(session=session, name="ide", role=Role.IDE)
+    settings = Settings(_env_file=None, home=tmp_path, database_url=pg_url)  # type: ignore[call-arg]
+    fake = FakeEngine(reply=lambda prompt, adapter, index: "a\x00b")
+    with TestClient(create_app(settings, engine=fake)) as client:
+        r = client.post(
+            "/v1/completions",
+            headers={"Authorization": f"Bearer {secret}"},
+            json={"model": "fake-model", "prompt": "p\x00q", "max_tokens": 5},
+        )
+        assert r.status_code == 200
+        client.portal.call(client.app.state.recorder.flush)  # type: ignore[attr-defined]
+    with engine.connect() as conn:
+        prompt = conn.execute(text("SELECT prompt FROM completions")).scalar()
+        choice = conn.execute(text("SELECT text FROM completion_choices")).scalar()
+    engine.dispose()
+    assert prompt == "p\ufffdq" and choice == "a\ufffdb"

@@ -660,3 +660,74 @@ def _activate_from_approved(factory: sessionmaker[Session], name: str) -> None:
         adapter = registry.get_adapter(session=session, name=name)
         assert adapter is not None and adapter.state == "approved"
         registry.transition(session=session, adapter=adapter, to_state="active", actor="test")
+
+
+# -- after a round: gate, then canary -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("auto_rollout", [True, False])
+def test_an_approved_candidate_becomes_the_canary_unless_rollout_is_paused(
+    session_factory: sessionmaker[Session],
+    settings: Any,
+    tmp_path: Path,
+    auto_rollout: bool,
+) -> None:
+    from server.store.rollout import set_rollout_state
+    from trainer.worker import gate_and_canary
+
+    path = _register(session_factory, "kaizen-r1-good", tmp_path)
+    with session_factory() as session:
+        set_rollout_state(session=session, actor="ops", auto_rollout=auto_rollout)
+
+    class Closing(ScriptedGenerator):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    generator = Closing(good={path})
+    out = gate_and_canary(
+        settings,
+        session_factory,
+        "kaizen-r1-good",
+        lambda: generator,
+        progress=False,
+        suites={"toy": TOY},
+    )
+    assert out["decision"] == "approved" and generator.closed
+    with session_factory() as session:
+        adapter = registry.get_adapter(session=session, name="kaizen-r1-good")
+        assert adapter is not None
+        if auto_rollout:
+            assert out["changes"] == ["kaizen-r1-good is the canary"]
+            assert adapter.state == "canary"
+            assert _trail(session_factory, "kaizen-r1-good")[-1] == (
+                "approved",
+                "canary",
+                "trainer",
+            )
+        else:
+            assert "promote it by hand" in out["changes"][0]
+            assert adapter.state == "approved"
+
+
+def test_a_rejected_candidate_goes_nowhere(
+    session_factory: sessionmaker[Session], settings: Any, tmp_path: Path
+) -> None:
+    from trainer.worker import gate_and_canary
+
+    _register(session_factory, "kaizen-r1-bad", tmp_path)
+    out = gate_and_canary(
+        settings,
+        session_factory,
+        "kaizen-r1-bad",
+        lambda: _NoClose(good=set()),
+        progress=False,
+        suites={"toy": TOY},
+    )
+    assert out["decision"] == "rejected" and out["changes"] == []
+
+
+class _NoClose(ScriptedGenerator):
+    def close(self) -> None:
+        pass
