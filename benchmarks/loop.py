@@ -26,7 +26,8 @@ The full run (GPU host)::
 The reduced run on a 2-core CPU (what the closing note reports)::
 
     .venv/bin/python benchmarks/loop.py --rounds 2 --train-tasks 40 --samples 4 \\
-        --eval-mbpp 0 --eval-humaneval 40 --resample 4 --max-steps 8 --batch-size 8
+        --eval-mbpp 0 --eval-humaneval 40 --resample 4 --max-steps 10 --batch-size 8 \\
+        --learning-rate 5e-5 --warmup-steps 2
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ class Loop:
             batch_size=a.batch_size,
             gradient_accumulation=a.gradient_accumulation,
             epochs=a.epochs,
+            learning_rate=a.learning_rate,
+            warmup_steps=a.warmup_steps,
             seed=k,
         )
         options = RoundOptions(
@@ -316,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--gradient-accumulation", type=int, default=1)
     p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--out", help="JSON results path.")
     return p
 
