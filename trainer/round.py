@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -104,7 +104,7 @@ class RoundReport:
     gate: dict[str, Any] | None = None  # the gate's decision, when the worker ran it
 
 
-class Generator:
+class Generator(Protocol):
     """What a round needs of an inference engine (``trainer.generate.VllmGenerator``)."""
 
     def generate(self, requests: Sequence[Any], **kwargs: Any) -> list[list[str]]: ...
