@@ -9,7 +9,9 @@ import { PutEntries, RepositoryLedger } from "../ledgerStore";
 import { FakeTimers } from "./helpers";
 
 const base = mkdtempSync(path.join(tmpdir(), "kaizen-ledger-"));
-after(() => rmSync(base, { recursive: true, force: true }));
+// A save a test started without awaiting may still be writing here when the suite ends
+// (ENOTEMPTY seen on a loaded machine): retry the removal rather than fail the run.
+after(() => rmSync(base, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
 let counter = 0;
 
 function setup(put: PutEntries = async () => ({}), options: Partial<ConstructorParameters<typeof RepositoryLedger>[0]> = {}) {
