@@ -453,6 +453,7 @@ def start_raw(settings: EngineSettings, port: int, workdir: Path, timeout: float
         "vllm",
         "--disable-log-stats",
         "--enforce-eager" if settings.enforce_eager else "--no-enforce-eager",
+        *_scheduler_flags(settings.max_model_len),
     ]
     process = ServerProcess(
         "vllm serve",
@@ -564,6 +565,19 @@ def count_records(database_url: str, ids: list[str]) -> dict[str, Any]:
 
 
 _ENGINE_CONFIG = re.compile(r"Initializing a V1 LLM engine \(v[^)]*\) with config: (.*)$")
+
+
+def _scheduler_flags(max_model_len: int) -> list[str]:
+    """The same scheduler settings Kaizen's engine uses (``scheduler_args``), as CLI flags."""
+    from server.engine.vllm_engine import scheduler_args
+
+    args = scheduler_args(max_model_len)
+    flags = []
+    if args.get("enable_chunked_prefill") is False:
+        flags.append("--no-enable-chunked-prefill")
+    if "max_num_batched_tokens" in args:
+        flags += ["--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
+    return flags
 
 
 def engine_config_line(log_path: Path) -> str | None:

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from server.engine.adapters import read_adapter_rank
+from server.engine.vllm_engine import scheduler_args
 from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class VllmGenerator:
             enforce_eager=enforce_eager,
             seed=seed,
             disable_log_stats=True,
+            **scheduler_args(max_model_len),
         )
 
     # ---------------------------------------------------------------- life cycle

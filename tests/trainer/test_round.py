@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(**overrides: Any) -> TrainConfig:
     """The tiny recipe of tests/trainer/test_train.py, without intermediate checkpoints."""
-    return tiny_config(**{"save_steps": 1000, **overrides})
+    return tiny_config(**{"save_steps": 1000, "max_steps": 2, **overrides})
 
 
 def _options(**overrides: Any) -> RoundOptions:
