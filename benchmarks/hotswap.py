@@ -25,13 +25,15 @@ the base weight it adds to: non-zero, so they change outputs), registered with
 subprocess), and ``--concurrency`` closed-loop clients per replica sending streaming
 fill-in-the-middle completions (``max_tokens`` ``--max-tokens``, temperature 0, prompts from a
 small fixed list) for the whole run: ``--warmup`` s (not measured), ``--settle`` s of steady
-load, then four changes with ``--settle`` s of steady load after each: promote A to active,
-promote B to active, roll back (A is active again), roll back (the base model serves).
+load, then five changes with ``--settle`` s of steady load after each: promote A to canary
+(the canary share is 1, so all of the one token's traffic goes to it), promote A from canary to
+active (nothing changes for traffic), promote B to active, roll back (A is active again), roll
+back (the base model serves).
 
 Per request: start and end (seconds since the load began), TTFT (first chunk with text),
 HTTP status, the ``X-Kaizen-Adapter`` header (the version that served it), whether the stream
 ended with ``data: [DONE]`` without an error chunk. Every replica's routing is also probed
-(``GET /v1/rollout``, ``replica.active``) every ``--probe-interval`` s. Per change and replica:
+(``GET /v1/rollout``: ``replica.canary``, else ``replica.active``, as the share is 1) every ``--probe-interval`` s. Per change and replica:
 
 * swap time: from sending the change (t0) to the start of the first request served by the new
   version after which no request started later is served by another one. The switch happened
@@ -308,6 +310,7 @@ def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> Wo
     from server.engine.adapters import base_fingerprint
     from server.store import adapters as registry
     from server.store.db import make_engine, make_session_factory
+    from server.store.rollout import set_rollout_state
     from server.store.tokens import Role, create_token
 
     model_dir, served_name = resolve_model(args.model, home)
@@ -351,6 +354,9 @@ def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> Wo
                         actor="benchmark",
                         reason="hotswap benchmark",
                     )
+            # One token drives the load, and the canary is sticky per token: a share of 1
+            # sends all of it to the canary, so its arrival is measurable like a promotion.
+            set_rollout_state(session=session, actor="benchmark", canary_share=1.0)
     finally:
         db.dispose()
     return World(
@@ -567,7 +573,7 @@ class Probe:
 class Change:
     label: str
     short: str
-    kind: str  # "promote" | "rollback"
+    kind: str  # "canary" | "promote" | "rollback"
     adapter: str | None  # what to promote
     expect: str  # the version that should serve afterwards ("base": none)
 
@@ -589,7 +595,8 @@ class ChangeRun:
 def plan() -> list[Change]:
     a, b = ADAPTER_NAMES
     return [
-        Change(f"promote {a} to active", "promote A", "promote", a, a),
+        Change(f"promote {a} to canary (share 1.0)", "canary A", "canary", a, a),
+        Change(f"promote {a} from canary to active", "promote A", "promote", a, a),
         Change(f"promote {b} to active", "promote B", "promote", b, b),
         Change(f"roll back (to {a})", "rollback -> A", "rollback", None, a),
         Change(f"roll back (to {BASE})", "rollback -> base", "rollback", None, BASE),
@@ -695,7 +702,8 @@ async def run_scenario(world: World, replicas: list[Replica], args: argparse.Nam
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
                     state = (await client.get("/v1/rollout")).json()
                     at = time.perf_counter() - t0
-                    probes.append(Probe(replica, at, state["replica"]["active"] or BASE))
+                    routed = state["replica"]["canary"] or state["replica"]["active"]  # share 1
+                    probes.append(Probe(replica, at, routed or BASE))
                 await asyncio.sleep(args.probe_interval)
 
         sampler = asyncio.create_task(sample())
@@ -721,10 +729,11 @@ async def run_scenario(world: World, replicas: list[Replica], args: argparse.Nam
             await asyncio.sleep(args.settle)
             for number, change in enumerate(plan(), start=1):
                 sent = time.perf_counter() - t0
-                if change.kind == "promote":
+                if change.kind in ("canary", "promote"):
+                    to = "canary" if change.kind == "canary" else "active"
                     response = await ops_client.post(
                         f"/v1/adapters/{change.adapter}/promote",
-                        json={"to": "active", "reason": "hotswap benchmark"},
+                        json={"to": to, "reason": "hotswap benchmark"},
                     )
                 else:
                     response = await ops_client.post(
@@ -736,7 +745,8 @@ async def run_scenario(world: World, replicas: list[Replica], args: argparse.Nam
                 except ValueError:
                     body = response.text
                 ok = response.status_code == 200 and isinstance(body, dict)
-                actual = (body["rollout"]["active"] or BASE) if ok else "?"
+                serving = "canary" if change.kind == "canary" else "active"
+                actual = (body["rollout"][serving] or BASE) if ok else "?"
                 run = ChangeRun(change, sent, answered, response.status_code, body, actual)
                 runs.append(run)
                 log.info(
