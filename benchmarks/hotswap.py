@@ -33,7 +33,8 @@ back (the base model serves).
 Per request: start and end (seconds since the load began), TTFT (first chunk with text),
 HTTP status, the ``X-Kaizen-Adapter`` header (the version that served it), whether the stream
 ended with ``data: [DONE]`` without an error chunk. Every replica's routing is also probed
-(``GET /v1/rollout``: ``replica.canary``, else ``replica.active``, as the share is 1) every ``--probe-interval`` s. Per change and replica:
+(``GET /v1/rollout``: ``replica.canary``, else ``replica.active``, as the share is 1) every
+``--probe-interval`` s. Per change and replica:
 
 * swap time: from sending the change (t0) to the start of the first request served by the new
   version after which no request started later is served by another one. The switch happened
