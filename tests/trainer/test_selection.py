@@ -168,9 +168,7 @@ def two_groups(ifd: list[float], sizes: tuple[int, int]) -> tuple[list[Pair], Sc
 def test_top_fraction_by_ifd_within_each_cluster() -> None:
     ifd = [0.9, 0.2, 0.5, 0.8, 0.3, 0.1] + [0.4, 0.95, 0.6, 0.7]
     pairs, scores = two_groups(ifd, (6, 4))
-    result = select_from_scores(
-        pairs, scores, fraction=0.5, n_clusters=2, seed=0
-    )
+    result = select_from_scores(pairs, scores, fraction=0.5, n_clusters=2, seed=0)
     # Group one keeps its top 3 (0.9, 0.8, 0.5), group two its top 2 (0.95, 0.7).
     assert [p.id for p in result.pairs] == ["p0", "p2", "p3", "p7", "p9"]
     clusters = [result.scores[f"p{i}"].cluster for i in range(10)]
