@@ -512,7 +512,9 @@ class RolloutService:
 
         return await asyncio.to_thread(read)
 
-    def _out(self, session: Session, adapter: Adapter, stats: dict[str | None, Any]) -> AdapterOut:
+    def _out(
+        self, session: Session, adapter: Adapter, stats: dict[str | None, Any], loaded: set[str]
+    ) -> AdapterOut:
         parent = session.get(Adapter, adapter.parent_id) if adapter.parent_id else None
         online = stats.get(adapter.name)
         return AdapterOut(
@@ -528,8 +530,11 @@ class RolloutService:
             online=OnlineStats(**{k: getattr(online, k) for k in OnlineStats.model_fields})
             if online is not None
             else OnlineStats(),
-            loaded_here=adapter.name in {a.name for a in self.engine.adapters()},
+            loaded_here=adapter.name in loaded,
         )
+
+    def _loaded(self) -> set[str]:
+        return {a.name for a in self.engine.adapters()}
 
     def _stats(self, session: Session) -> dict[str | None, Any]:
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
@@ -541,9 +546,10 @@ class RolloutService:
     async def list_adapters(self) -> AdapterList:
         def read() -> AdapterList:
             with self.session_factory() as session:
-                stats = self._stats(session)
+                stats, loaded = self._stats(session), self._loaded()
                 rows = [
-                    self._out(session, a, stats) for a in registry.list_adapters(session=session)
+                    self._out(session, a, stats, loaded)
+                    for a in registry.list_adapters(session=session)
                 ]
                 return AdapterList(data=rows, count=len(rows))
 
@@ -553,7 +559,7 @@ class RolloutService:
         def read() -> AdapterDetailOut:
             with self.session_factory() as session:
                 adapter = _get(session, name)
-                out = self._out(session, adapter, self._stats(session))
+                out = self._out(session, adapter, self._stats(session), self._loaded())
                 return AdapterDetailOut(
                     **out.model_dump(),
                     manifest=adapter.manifest,
