@@ -72,8 +72,22 @@ class TrainConfig:
         default=True,
         metadata={
             "help": "Pack the sequences of a batch into rows without padding (position ids "
-            "restart per sequence). False uses TRL's padded batches. Both group pairs of "
-            "similar length."
+            "restart per sequence). False uses TRL's padded batches."
+        },
+    )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "With packing, compute each pair's prompt once and branch both completions "
+            "off it (an explicit attention mask; sdpa or eager attention, turned off with a "
+            "warning under flash-attention). Same log-probs, fewer tokens."
+        },
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Batch pairs of similar length (less padding, fuller packed rows). False "
+            "keeps TRL's shuffled order."
         },
     )
 

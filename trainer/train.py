@@ -6,9 +6,11 @@ on a LoRA adapter, with TRL's ``DPOTrainer`` (``loss_type=["sigmoid", "sft"]``).
 * Continuing from a parent adapter loads it as the trainable adapter; TRL then copies it into a
   frozen ``ref`` adapter, so the reference is the parent's policy: each round is regularised
   towards the previous round's model, as CodeLutra iterates.
-* Batches group pairs of similar length. With ``config.packing`` (the default) they are packed
-  without padding (:mod:`trainer.packing`) and :class:`KaizenDPOTrainer` computes the same loss
-  and metrics as TRL from the packed rows; otherwise TRL pads them.
+* Batches group pairs of similar length (``config.group_by_length``). With ``config.packing``
+  (the default) they are packed without padding (:mod:`trainer.packing`), each pair's prompt
+  computed once for both sides where the attention allows (``config.share_prompt``), and
+  :class:`KaizenDPOTrainer` computes the same loss and metrics as TRL from the packed rows;
+  otherwise TRL pads them.
 * A non-finite gradient or logged value stops the round at once and saves nothing: the caller
   keeps the active adapter. Checkpoints every ``save_steps`` let an interrupted round resume.
 
@@ -53,6 +55,7 @@ from trainer.packing import (
     attention_weight,
     dpo_nll_loss,
     sequence_logps,
+    supports_shared_prompts,
     target_counts,
     token_logps,
 )
@@ -81,7 +84,9 @@ class TrainResult:
     adapter_dir: Path | None  # None when the round was stopped
     steps: int
     duration_s: float
-    tokens_per_s: float  # real (non-padding) tokens through the policy per second of training
+    # Prompt and completion tokens of both sides per second of training, a shared prompt counted
+    # for each side: the same count whatever the batch layout, so layouts compare by it.
+    tokens_per_s: float
     metrics: dict[str, float]  # TRL's names: loss, rewards/chosen, logps/rejected, ...
     trained_pair_ids: list[str]
     stopped_reason: str | None = None
@@ -150,11 +155,20 @@ class KaizenDPOTrainer(DPOTrainer):
     does), with the same objective and metric names as TRL's padded path.
     """
 
-    def __init__(self, *args: Any, packing: bool, nll_weight: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        packing: bool,
+        nll_weight: float,
+        group_by_length: bool = True,
+        **kwargs: Any,
+    ) -> None:
         self.packing = packing
         self.nll_weight = nll_weight
-        self.real_tokens = 0  # prompt and completion tokens of both sides, no padding
-        self.slot_tokens = 0  # the same plus padding: what the forward pass computed
+        self.group_by_length = group_by_length
+        self.data_tokens = 0  # prompt and completion tokens of both sides: tokens_per_s
+        self.real_tokens = 0  # tokens the forward pass computed, less padding
+        self.slot_tokens = 0  # tokens the forward pass computed, padding included
         super().__init__(*args, **kwargs)
         if self.ref_model is not None or not isinstance(self.model, PeftModel):
             raise TypeError("KaizenDPOTrainer trains a PEFT adapter against an adapter reference")
@@ -178,7 +192,9 @@ class KaizenDPOTrainer(DPOTrainer):
         if result.unexpected_keys:
             raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not fit the adapter")
 
-    def _get_train_sampler(self, train_dataset: Any = None) -> LengthBucketSampler:
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)  # TRL's shuffled order
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = [
             len(prompt) + max(len(chosen), len(rejected))
@@ -190,8 +206,9 @@ class KaizenDPOTrainer(DPOTrainer):
             lengths, self.args.per_device_train_batch_size, seed=self.args.seed
         )
 
-    def _count_tokens(self, real: int, slots: int) -> None:
+    def _count_tokens(self, data: int, real: int, slots: int) -> None:
         if self.model.training:
+            self.data_tokens += data
             self.real_tokens += real
             self.slot_tokens += slots
             mode = "train"
@@ -202,7 +219,7 @@ class KaizenDPOTrainer(DPOTrainer):
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         if not self.packing:
             mask = inputs["attention_mask"]
-            self._count_tokens(int(mask.sum()), mask.numel())
+            self._count_tokens(int(mask.sum()), int(mask.sum()), mask.numel())
             return super()._compute_loss(model, inputs, return_outputs)
         if return_outputs:
             raise NotImplementedError("packed batches give no logits; evaluate with packing=False")
@@ -226,10 +243,10 @@ class KaizenDPOTrainer(DPOTrainer):
             beta=self.beta,
             nll_weight=self.nll_weight,
         )
-        self._count_tokens(batch.num_tokens, batch.input_ids.numel())
+        self._count_tokens(batch.data_tokens, batch.num_tokens, batch.input_ids.numel())
         mode = "train" if self.model.training else "eval"
         if mode == "train":
-            self._total_train_tokens += batch.num_tokens
+            self._total_train_tokens += batch.data_tokens
         metrics = self._metrics[mode]
         metrics["num_tokens"] = [self._total_train_tokens]
         metrics["nll"].append(out.nll.item())
@@ -304,11 +321,19 @@ def train_adapter(
                 for p in pairs
             ]
         )
+        share_prompt = config.packing and config.share_prompt
+        if share_prompt and not supports_shared_prompts(model):
+            log.warning(
+                "event=share_prompt_off attention=%s reason=needs_sdpa_or_eager",
+                model.config._attn_implementation,
+            )
+            share_prompt = False
         collator = (
             PackedPreferenceCollator(
                 pad_token_id=tokenizer.pad_token_id,
                 max_length=config.max_length,
                 attention_weight=attention_weight(model),
+                share_prompt=share_prompt,
             )
             if config.packing
             else None
@@ -324,6 +349,7 @@ def train_adapter(
             callbacks=[guard, _LogMetrics()],
             packing=config.packing,
             nll_weight=config.nll_weight,
+            group_by_length=config.group_by_length,
         )
         trainer.remove_callback(PrinterCallback)  # it prints; _LogMetrics logs
         trained_ids = [str(i) for i in trainer.train_dataset["id"]]
@@ -336,9 +362,11 @@ def train_adapter(
         if not trained_ids:
             raise ValueError(f"every prompt fills max_length={config.max_length}; raise it")
         log.info(
-            "event=train_start pairs=%d packing=%s parent=%s resume_from=%s device=%s",
+            "event=train_start pairs=%d packing=%s share_prompt=%s parent=%s resume_from=%s "
+            "device=%s",
             len(trained_ids),
             config.packing,
+            share_prompt,
             parent_adapter,
             resume_from,
             trainer.args.device,
@@ -347,10 +375,13 @@ def train_adapter(
 
     history = list(trainer.state.log_history)
     runtime = float(output.metrics.get("train_runtime", 0.0)) or 1e-9
-    tokens_per_s = trainer.real_tokens / runtime
+    tokens_per_s = trainer.data_tokens / runtime
     metrics = _final_metrics(history)
     metrics["tokens_per_second"] = tokens_per_s
     metrics["padding_ratio"] = 1.0 - trainer.real_tokens / max(trainer.slot_tokens, 1)
+    # Token slots the forward passes ran per data token: above 1 from padding, below 1 where
+    # shared prompts were computed once for both sides.
+    metrics["computed_per_data_token"] = trainer.slot_tokens / max(trainer.data_tokens, 1)
     steps = trainer.state.global_step
     duration = time.perf_counter() - started
     result = TrainResult(

@@ -3,6 +3,7 @@ exactly the completion tokens, the loss stays finite, and length buckets cut pad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from trainer.packing import (
     dpo_nll_loss,
     pack_pairs,
     sequence_logps,
+    supports_shared_prompts,
     target_counts,
     token_logps,
 )
@@ -101,6 +103,7 @@ def _padded_logps(
     )
 
 
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["separate", "shared-prompt"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
 def test_packed_log_probs_equal_padded_ones(
@@ -109,24 +112,31 @@ def test_packed_log_probs_equal_padded_ones(
     tmp_path: Path,
     attn: str,
     with_lora: bool,
+    share_prompt: bool,
 ) -> None:
     adapter = build_random_lora(model_dir, tmp_path / "lora") if with_lora else None
     model = _load(model_dir, attn, adapter)
-    batch = pack_pairs(examples, max_length=48, pad_token_id=PAD, row_length=128)
-    assert batch.input_ids.shape[0] < batch.num_sequences  # several sequences share a row
+    batch = pack_pairs(
+        examples, max_length=48, pad_token_id=PAD, row_length=256, share_prompt=share_prompt
+    )
+    units = len(examples) if share_prompt else batch.num_sequences
+    assert batch.input_ids.shape[0] < units  # several pairs or sequences share a row
     with torch.no_grad():
         packed = sequence_logps(token_logps(model, batch), batch)
     expected = _padded_logps(model, examples, max_length=48)
     torch.testing.assert_close(packed, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["separate", "shared-prompt"])
 def test_fused_lm_head_gives_the_same_log_probs(
-    model_dir: Path, examples: list[dict[str, list[int]]]
+    model_dir: Path, examples: list[dict[str, list[int]]], share_prompt: bool
 ) -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     model = _load(model_dir, "sdpa")
-    batch = pack_pairs(examples, max_length=64, pad_token_id=PAD, row_length=160)
+    batch = pack_pairs(
+        examples, max_length=64, pad_token_id=PAD, row_length=160, share_prompt=share_prompt
+    )
     with torch.no_grad():
         plain = token_logps(model, batch)
         add_fused_lm_head(model)
@@ -148,6 +158,85 @@ def test_without_position_restarts_sequences_would_see_each_other(
         isolated = sequence_logps(token_logps(model, batch), batch)
         mixed = sequence_logps(token_logps(model, leaky), leaky)
     assert (isolated - mixed).abs().max() > 1e-2
+
+
+def test_branches_of_a_shared_prompt_do_not_see_each_other(
+    model_dir: Path, examples: list[dict[str, list[int]]]
+) -> None:
+    """The branch mask is what keeps the rejected side from reading the chosen one: with every
+    token marked as trunk the log-probs change (the test above would catch a regression)."""
+    model = _load(model_dir, "sdpa")
+    batch = pack_pairs(examples, max_length=48, pad_token_id=PAD, share_prompt=True)
+    assert batch.branch_ids is not None
+    leaky = dataclasses.replace(batch, branch_ids=torch.zeros_like(batch.branch_ids))
+    with torch.no_grad():
+        isolated = sequence_logps(token_logps(model, batch), batch)
+        mixed = sequence_logps(token_logps(model, leaky), leaky)
+    n = batch.num_pairs
+    torch.testing.assert_close(isolated[:n], mixed[:n])  # chosen comes first: it sees no more
+    assert (isolated[n:] - mixed[n:]).abs().max() > 1e-2
+
+
+def test_shared_prompts_score_the_same_tokens_with_fewer_computed(
+    examples: list[dict[str, list[int]]],
+) -> None:
+    separate = pack_pairs(examples, max_length=48, pad_token_id=PAD, row_length=128)
+    shared = pack_pairs(
+        examples, max_length=48, pad_token_id=PAD, row_length=128, share_prompt=True
+    )
+
+    def targets(batch: PackedBatch) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for row, col in batch.target_mask.nonzero().tolist():
+            out.setdefault(int(batch.sequence_index[row, col]), []).append(
+                int(batch.input_ids[row, col])
+            )
+        return out
+
+    assert targets(shared) == targets(separate)
+    assert target_counts(shared).tolist() == target_counts(separate).tolist()
+    prompts = sum(min(len(e["prompt_ids"]), 48) for e in examples)
+    # Each pair computes its prompt once, plus the prompt's last token again for the second branch.
+    assert shared.num_tokens == separate.num_tokens - prompts + len(examples)
+    assert shared.data_tokens == separate.data_tokens == separate.num_tokens
+
+
+def test_shared_prompt_layout_and_mask() -> None:
+    batch = pack_pairs(
+        [
+            {"prompt_ids": [11, 12, 13], "chosen_ids": [21, 22], "rejected_ids": [31]},
+            {"prompt_ids": [], "chosen_ids": [27, 28], "rejected_ids": [35, 36]},  # no prompt
+        ],
+        max_length=8,
+        pad_token_id=PAD,
+        row_length=16,
+        share_prompt=True,
+    )
+    assert batch.input_ids.shape[0] == 1
+    row = batch.input_ids[0].tolist()
+    assert row[:10] == [11, 12, 13, 21, 22, 13, 31, 27, 28, 35] and row[10] == 36
+    assert batch.position_ids[0, :11].tolist() == [0, 1, 2, 3, 4, 2, 3, 0, 1, 0, 1]
+    assert batch.sequence_index[0, :11].tolist() == [0, 0, 0, 0, 0, 2, 2, 1, 1, 3, 3]
+    assert batch.target_mask[0, :11].nonzero().flatten().tolist() == [3, 4, 6, 8, 10]
+    mask = batch.attention_mask()[0, 0]
+    assert mask[6].nonzero().flatten().tolist() == [0, 1, 5, 6]  # rejected: trunk, its branch
+    assert mask[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # chosen: trunk, its branch
+    assert mask[10].nonzero().flatten().tolist() == [9, 10]  # no prompt: its own branch only
+    assert bool(mask.any(dim=-1).all())  # every query, padding too, attends somewhere
+    additive = batch.attention_mask(torch.float32)[0, 0]
+    assert bool((additive[mask] == 0).all()) and bool((additive[~mask] < -1e30).all())
+
+
+def test_shared_prompts_need_a_mask_taking_attention(
+    model_dir: Path, examples: list[dict[str, list[int]]]
+) -> None:
+    model = _load(model_dir, "sdpa")
+    assert supports_shared_prompts(model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert not supports_shared_prompts(model)
+    batch = pack_pairs(examples, max_length=48, pad_token_id=PAD, share_prompt=True)
+    with pytest.raises(ValueError, match="share_prompt=False"):
+        token_logps(model, batch)
 
 
 def test_masks_select_exactly_the_completion_tokens() -> None:
@@ -220,11 +309,12 @@ def test_dpo_nll_loss_matches_its_definition_and_is_finite() -> None:
     assert math.isclose(float(same.loss), math.log(2), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["separate", "shared-prompt"])
 def test_packed_loss_on_the_model_is_finite_and_trains(
-    model_dir: Path, examples: list[dict[str, list[int]]]
+    model_dir: Path, examples: list[dict[str, list[int]]], share_prompt: bool
 ) -> None:
     model = _load(model_dir, "sdpa").train()
-    batch = pack_pairs(examples, max_length=64, pad_token_id=PAD)
+    batch = pack_pairs(examples, max_length=64, pad_token_id=PAD, share_prompt=share_prompt)
     policy = sequence_logps(token_logps(model, batch), batch)
     n = batch.num_pairs
     out = dpo_nll_loss(
@@ -240,6 +330,45 @@ def test_packed_loss_on_the_model_is_finite_and_trains(
     assert math.isfinite(out.loss.item())
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_shared_and_separate_layouts_give_the_same_gradients(
+    model_dir: Path, examples: list[dict[str, list[int]]], tmp_path: Path
+) -> None:
+    """In float64, so that float32 rounding (which differs between layouts) cannot hide a real
+    difference."""
+    from peft import PeftModel
+
+    adapter = build_random_lora(model_dir, tmp_path / "lora")
+
+    def loss_and_grads(share_prompt: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model = _load(model_dir, "sdpa", adapter).double()
+        assert isinstance(model, PeftModel)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        batch = pack_pairs(examples, max_length=48, pad_token_id=PAD, share_prompt=share_prompt)
+        policy = sequence_logps(token_logps(model, batch), batch)
+        n = batch.num_pairs
+        out = dpo_nll_loss(
+            policy[:n],
+            policy[n:],
+            torch.zeros(n, dtype=torch.float64),
+            torch.zeros(n, dtype=torch.float64),
+            chosen_tokens=target_counts(batch)[:n],
+            beta=0.1,
+            nll_weight=1.0,
+        )
+        out.loss.backward()
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        return out.loss.item(), grads
+
+    shared_loss, shared = loss_and_grads(True)
+    separate_loss, separate = loss_and_grads(False)
+    assert math.isclose(shared_loss, separate_loss, rel_tol=1e-12)
+    assert shared.keys() == separate.keys() and shared
+    for key in shared:  # float32 rounding alone gives ~1e-5 of each tensor's largest gradient
+        scale = float(separate[key].abs().max())
+        assert float((shared[key] - separate[key]).abs().max()) <= 1e-6 * scale, key
 
 
 def test_packing_needs_fewer_slots_than_padding(examples: list[dict[str, list[int]]]) -> None:

@@ -149,16 +149,26 @@ def test_training_saves_a_changed_adapter_and_a_complete_manifest(
     assert result.tokens_per_s > 0 and result.trained_pair_ids == [p.id for p in PAIRS]
 
 
-def test_packed_and_padded_batches_give_the_same_training(model_dir: Path, tmp_path: Path) -> None:
-    packed = _train(model_dir, tmp_path / "packed", config=_config(packing=True))
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prompt", "separate"])
+def test_packed_and_padded_batches_give_the_same_training(
+    model_dir: Path, tmp_path: Path, share_prompt: bool
+) -> None:
+    packed = _train(
+        model_dir, tmp_path / "packed", config=_config(packing=True, share_prompt=share_prompt)
+    )
     padded = _train(model_dir, tmp_path / "padded", config=_config(packing=False))
+    # Throughput counts the same tokens whatever the layout; sharing computes fewer of them.
+    assert packed.log_history[2]["num_tokens"] == padded.log_history[2]["num_tokens"]
     for a, b in zip(packed.log_history[:3], padded.log_history[:3], strict=True):
         for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
             assert math.isclose(a[name], b[name], rel_tol=1e-4, abs_tol=1e-5), (name, a, b)
     a, b = _weights(packed), _weights(padded)
     assert a.keys() == b.keys()
+    # Adam divides by the gradient's running scale, so where a gradient is ~0 float rounding
+    # (which differs between layouts) moves a weight by up to lr; an error in the layout moves
+    # every weight. test_packing compares the gradients themselves tightly.
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(a[key], b[key], atol=5e-4, rtol=1e-3)
 
 
 def test_continuing_from_a_parent_uses_it_as_the_reference(model_dir: Path, tmp_path: Path) -> None:
