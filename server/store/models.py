@@ -17,6 +17,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy import true as sa_true
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -75,6 +76,41 @@ class ApiToken(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    # False: a ``ci`` token reports on (and reads the ledgers of) only the repositories in
+    # ``repositories``. True: every repository (a single-team install; tokens made before
+    # repository scoping existed).
+    all_repositories: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sa_true()
+    )
+
+    repositories: Mapped[list[ApiTokenRepository]] = relationship(
+        back_populates="token", lazy="selectin", cascade="all, delete-orphan"
+    )
+
+
+class ApiTokenRepository(Base):
+    """One repository a scoped token may report on, normalised like the extension's origin
+    (``host/owner/name``, see ``plugins/common/kaizen_client/repository.py``)."""
+
+    __tablename__ = "api_token_repositories"
+
+    token_id: Mapped[int] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), primary_key=True
+    )
+    repository: Mapped[str] = mapped_column(String(512), primary_key=True)
+
+    token: Mapped[ApiToken] = relationship(back_populates="repositories")
+
+
+class ExcludedRepository(Base):
+    """A repository whose records never become training data (``kaizen repos exclude``)."""
+
+    __tablename__ = "excluded_repositories"
+
+    repository: Mapped[str] = mapped_column(String(512), primary_key=True)
+    excluded_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    excluded_by: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(SafeText(), default="")
 
 
 class Completion(Base):
