@@ -41,10 +41,24 @@ class EventBatch(_Strict):
     events: list[Event] = Field(min_length=1, max_length=1000)
 
 
+RefusalReason = Literal["not_owner", "repository_not_in_scope", "repository_mismatch", "stale"]
+
+
+class Refusal(BaseModel):
+    """An item that was not stored, and why (``plugins/PROTOCOL.md``, "Refusals")."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    completion_id: str
+    choice_index: int
+    reason: RefusalReason
+
+
 class EventsResponse(BaseModel):
     stored: int
     duplicates: int
     unknown_completion_ids: list[str]
+    refused: list[Refusal] = []
 
 
 class LedgerEntryIn(_Strict):
@@ -65,7 +79,9 @@ class LedgerBatch(_Strict):
 
 class LedgerPutResponse(BaseModel):
     stored: int
+    duplicates: int = 0  # the same update again (a retried batch)
     unknown_completion_ids: list[str]
+    refused: list[Refusal] = []
 
 
 class LedgerEntryOut(LedgerEntryIn):
@@ -117,6 +133,7 @@ class OutcomeResponse(BaseModel):
     duplicate: bool
     completions: int
     unknown_completion_ids: list[str]
+    refused: list[Refusal] = []
 
 
 class EventOut(BaseModel):

@@ -2,6 +2,11 @@
 
 Writes are idempotent and safe with several replicas on one database: duplicates are detected
 by primary key with ``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL both support it).
+
+Every write is checked against the completion's *served* record (the token that received it and
+the IDE context's repository at completion time), never against what the report says: an
+``ide`` token writes only for its owner's completions, a scoped ``ci`` token only for
+completions served in its repositories. Refused items are listed, never silently dropped.
 """
 
 from __future__ import annotations
@@ -16,19 +21,86 @@ from sqlalchemy.orm import Session
 
 from server.store.db import dialect_insert
 from server.store.models import (
+    ApiToken,
     CiRun,
     Completion,
     CompletionEvent,
     CompletionOutcome,
     LedgerEntry,
+    utcnow,
 )
+from server.store.repositories import normalised_or_none
+from server.store.tokens import Principal, Role
+
+# Why an item was not stored (plugins/PROTOCOL.md, "Refusals").
+NOT_OWNER = "not_owner"  # an ide token, and another owner's completion
+NOT_IN_SCOPE = "repository_not_in_scope"  # a scoped ci token, served in another repository
+REPOSITORY_MISMATCH = "repository_mismatch"  # a ledger entry moved off its served repository
+STALE = "stale"  # a ledger update older than the stored one
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the server recorded when it served a completion."""
+
+    token_id: int | None
+    owner: str | None  # the receiving token's name
+    repository: str | None  # the IDE context's repository, as the client sent it
+
+
+@dataclass(frozen=True)
+class Refusal:
+    completion_id: str
+    choice_index: int
+    reason: str
+
+
+def served_records(*, session: Session, ids: Iterable[str]) -> dict[str, Served]:
+    """The served record of each known completion among ``ids``."""
+    wanted = set(ids)
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Completion.id, Completion.token_id, ApiToken.name, Completion.repository)
+        .outerjoin(ApiToken, ApiToken.id == Completion.token_id)
+        .where(Completion.id.in_(wanted))
+    )
+    return {cid: Served(token_id, owner, repo) for cid, token_id, owner, repo in rows}
 
 
 def known_completion_ids(*, session: Session, ids: Iterable[str]) -> set[str]:
-    wanted = set(ids)
-    if not wanted:
-        return set()
-    return set(session.scalars(select(Completion.id).where(Completion.id.in_(wanted))))
+    return set(served_records(session=session, ids=ids))
+
+
+def refusal_reason(principal: Principal | None, served: Served) -> str | None:
+    """Why ``principal`` may not write feedback on this completion, or ``None`` if it may
+    (``None`` for a trusted in-process writer: the trainer's tests, the simulator)."""
+    if principal is None or principal.role is Role.OPS:
+        return None
+    if principal.role is Role.IDE:
+        owned = principal.owns(token_id=served.token_id, owner=served.owner)
+        return None if owned else NOT_OWNER
+    return None if principal.covers(served.repository) else NOT_IN_SCOPE
+
+
+def _refusals(
+    items: Sequence[dict[str, Any]], served: dict[str, Served], principal: Principal | None
+) -> tuple[list[dict[str, Any]], list[Refusal]]:
+    """Split the items of known completions into those ``principal`` may write and the
+    refusals (one per completion and choice)."""
+    allowed: list[dict[str, Any]] = []
+    refused: dict[tuple[str, int], Refusal] = {}
+    for item in items:
+        record = served.get(item["completion_id"])
+        if record is None:
+            continue
+        reason = refusal_reason(principal, record)
+        if reason is None:
+            allowed.append(item)
+        else:
+            key = (item["completion_id"], item.get("choice_index", 0))
+            refused.setdefault(key, Refusal(*key, reason))
+    return allowed, list(refused.values())
 
 
 @dataclass
@@ -36,17 +108,24 @@ class EventsResult:
     stored: int = 0
     duplicates: int = 0
     unknown_completion_ids: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
 
 
 def save_events(
-    *, session: Session, events: Sequence[dict[str, Any]], token_id: int | None
+    *,
+    session: Session,
+    events: Sequence[dict[str, Any]],
+    token_id: int | None,
+    principal: Principal | None = None,
 ) -> EventsResult:
-    """Store events of known completions once each (by event id); report the rest."""
-    known = known_completion_ids(session=session, ids=(e["completion_id"] for e in events))
+    """Store events of known completions that ``principal`` may write (``None``: no checks),
+    once each (by event id), as sent by ``token_id``; report the rest."""
+    served = served_records(session=session, ids=(e["completion_id"] for e in events))
+    ours, refused = _refusals(events, served, principal)
     result = EventsResult(
-        unknown_completion_ids=sorted({e["completion_id"] for e in events} - known)
+        unknown_completion_ids=sorted({e["completion_id"] for e in events} - served.keys()),
+        refused=refused,
     )
-    ours = [e for e in events if e["completion_id"] in known]
     rows = {e["id"]: {**e, "token_id": token_id} for e in ours}  # a batch may repeat an event
     if rows:
         existing = set(
@@ -65,39 +144,87 @@ def save_events(
 @dataclass
 class LedgerResult:
     stored: int = 0
+    duplicates: int = 0
     unknown_completion_ids: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
 
 
-def upsert_ledger(*, session: Session, entries: Sequence[dict[str, Any]]) -> LedgerResult:
-    """Insert or update entries by (completion id, choice); an older update never wins."""
-    known = known_completion_ids(session=session, ids=(e["completion_id"] for e in entries))
+def upsert_ledger(
+    *,
+    session: Session,
+    entries: Sequence[dict[str, Any]],
+    principal: Principal | None = None,
+    received_at: datetime | None = None,
+) -> LedgerResult:
+    """Insert or update entries by (completion id, choice); an older update never wins.
+
+    ``updated_at`` is clamped to ``received_at`` (the server's clock): a client cannot stamp an
+    entry in the future and so lock out its later updates. An update that loses to the stored
+    one is refused as ``stale``; one equal to it (a retried batch) counts as a duplicate.
+    """
+    served = served_records(session=session, ids=(e["completion_id"] for e in entries))
+    allowed, refused = _refusals(entries, served, principal)
     result = LedgerResult(
-        unknown_completion_ids=sorted({e["completion_id"] for e in entries} - known)
+        unknown_completion_ids=sorted({e["completion_id"] for e in entries} - served.keys()),
+        refused=refused,
     )
+    received_at = received_at or utcnow()
     table = LedgerEntry.__table__
-    for entry in entries:
-        if entry["completion_id"] not in known:
+    for entry in allowed:
+        key = (entry["completion_id"], entry["choice_index"])
+        record = served[entry["completion_id"]]
+        checked = principal is not None and principal.role is not Role.OPS
+        if (
+            checked
+            and record.repository is not None
+            and (normalised_or_none(record.repository) != normalised_or_none(entry["repository"]))
+        ):
+            result.refused.append(Refusal(*key, REPOSITORY_MISMATCH))
             continue
-        stmt = dialect_insert(session, table).values(**entry)
-        updatable = {
-            k: stmt.excluded[k] for k in entry if k not in ("completion_id", "choice_index")
+        row = {
+            **entry,
+            "updated_at": min(entry["updated_at"], received_at),
+            "received_at": received_at,
         }
+        stmt = dialect_insert(session, table).values(**row)
+        updatable = {k: stmt.excluded[k] for k in row if k not in ("completion_id", "choice_index")}
         stmt = stmt.on_conflict_do_update(
             index_elements=["completion_id", "choice_index"],
             set_=updatable,
             where=table.c.updated_at < stmt.excluded.updated_at,
         )
-        session.execute(stmt)
-        result.stored += 1
+        if session.execute(stmt).rowcount:
+            result.stored += 1
+            continue
+        stored_at = session.scalar(
+            select(LedgerEntry.updated_at).where(
+                LedgerEntry.completion_id == key[0], LedgerEntry.choice_index == key[1]
+            )
+        )
+        if stored_at == row["updated_at"]:
+            result.duplicates += 1
+        else:
+            result.refused.append(Refusal(*key, STALE))
     session.commit()
     return result
 
 
 def active_ledger(
-    *, session: Session, repository: str, since: datetime, limit: int = 5000
+    *,
+    session: Session,
+    repository: str,
+    since: datetime,
+    principal: Principal | None = None,
+    limit: int = 5000,
 ) -> list[LedgerEntry]:
+    """Active entries of ``repository`` (normalised by the caller) updated since ``since``.
+
+    For a scoped ``ci`` token, only entries whose completion was *served* in one of its
+    repositories: it could not report on the others anyway.
+    """
     query = (
-        select(LedgerEntry)
+        select(LedgerEntry, Completion.repository)
+        .join(Completion, Completion.id == LedgerEntry.completion_id)
         .where(
             LedgerEntry.repository == repository,
             LedgerEntry.state == "active",
@@ -106,7 +233,11 @@ def active_ledger(
         .order_by(LedgerEntry.updated_at.desc())
         .limit(limit)
     )
-    return list(session.scalars(query))
+    return [
+        entry
+        for entry, served_repository in session.execute(query)
+        if principal is None or principal.covers(served_repository)
+    ]
 
 
 @dataclass
@@ -114,6 +245,7 @@ class OutcomeResult:
     duplicate: bool = False
     completions: int = 0
     unknown_completion_ids: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
 
 
 def save_outcome(
@@ -123,11 +255,15 @@ def save_outcome(
     completions: Sequence[dict[str, Any]],
     raw: dict[str, Any],
     token_id: int | None,
+    principal: Principal | None = None,
 ) -> OutcomeResult:
-    """Store a CI run once (by run id) with its attribution to known completions."""
-    known = known_completion_ids(session=session, ids=(c["completion_id"] for c in completions))
+    """Store a CI run once (by run id), as sent by ``token_id``, with its attribution to the
+    known completions that ``principal`` may report on (``None``: no checks)."""
+    served = served_records(session=session, ids=(c["completion_id"] for c in completions))
+    allowed, refused = _refusals(completions, served, principal)
     result = OutcomeResult(
-        unknown_completion_ids=sorted({c["completion_id"] for c in completions} - known)
+        unknown_completion_ids=sorted({c["completion_id"] for c in completions} - served.keys()),
+        refused=refused,
     )
     inserted = session.execute(
         dialect_insert(session, CiRun.__table__)
@@ -138,7 +274,7 @@ def save_outcome(
         session.rollback()
         result.duplicate = True
         return result
-    rows = [{**c, "run_id": run["run_id"]} for c in completions if c["completion_id"] in known]
+    rows = [{**c, "run_id": run["run_id"]} for c in allowed]
     if rows:
         session.execute(
             dialect_insert(session, CompletionOutcome.__table__)

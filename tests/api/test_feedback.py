@@ -94,12 +94,14 @@ def test_events_are_stored_once_and_unknown_ids_listed(client: TestClient, auth,
         "stored": 2,
         "duplicates": 0,
         "unknown_completion_ids": ["cmpl-unknown"],
+        "refused": [],
     }
     retry = client.post("/v1/events", headers=auth["ide"], json=batch)
     assert retry.json() == {
         "stored": 0,
         "duplicates": 2,
         "unknown_completion_ids": ["cmpl-unknown"],
+        "refused": [],
     }
     detail = client.get(f"/v1/completions/{cid}", headers=auth["ops"]).json()
     assert [e["type"] for e in detail["events"]] == ["shown", "accepted"]
@@ -157,13 +159,31 @@ def test_ledger_upserts_newest_and_serves_active_entries(client: TestClient, aut
     put = client.put(
         "/v1/ledger", headers=auth["ide"], json={"entries": [_entry(cid, "return a + b", NOW)]}
     )
-    assert put.json() == {"stored": 1, "unknown_completion_ids": []}
-    # An older update arriving late does not overwrite the newer text.
-    client.put(
+    assert put.json() == {
+        "stored": 1,
+        "duplicates": 0,
+        "unknown_completion_ids": [],
+        "refused": [],
+    }
+    # An older update arriving late does not overwrite the newer text, and is answered so.
+    stale = client.put(
         "/v1/ledger",
         headers=auth["ide"],
         json={"entries": [_entry(cid, "stale", NOW - timedelta(minutes=5))]},
     )
+    assert stale.status_code == 200, stale.text
+    assert stale.json()["stored"] == 0
+    assert stale.json()["refused"] == [{"completion_id": cid, "choice_index": 0, "reason": "stale"}]
+    # The same update again (a retried batch) is a duplicate, not stale.
+    again = client.put(
+        "/v1/ledger", headers=auth["ide"], json={"entries": [_entry(cid, "return a + b", NOW)]}
+    )
+    assert again.json() == {
+        "stored": 0,
+        "duplicates": 1,
+        "unknown_completion_ids": [],
+        "refused": [],
+    }
     listed = client.get(
         "/v1/ledger",
         headers=auth["ci"],
@@ -210,6 +230,7 @@ def test_outcomes_are_idempotent_and_keep_the_raw_report(client: TestClient, aut
         "duplicate": False,
         "completions": 1,
         "unknown_completion_ids": ["cmpl-gone"],
+        "refused": [],
     }
     again = client.post("/v1/outcomes", headers=auth["ci"], json=report)
     assert again.json()["duplicate"] is True and again.json()["completions"] == 0

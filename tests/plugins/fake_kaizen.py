@@ -73,6 +73,9 @@ class FakeKaizen:
     """Answer every ``POST /v1/outcomes`` with this status (an error), when set."""
     delay: float = 0.0
     """Seconds to wait before answering any request."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Completion id -> reason: the server refuses these completions of a report (as the real
+    one does for a scoped token's foreign completions) and lists them in its answer."""
     url: str = ""
 
     @property
@@ -155,13 +158,23 @@ def _handler(state: FakeKaizen) -> type[BaseHTTPRequestHandler]:
                 duplicate = report["run_id"] in state.run_ids
                 if not duplicate:
                     state.reports.append(report)
+            refused = [
+                {
+                    "completion_id": c["completion_id"],
+                    "choice_index": c["choice_index"],
+                    "reason": r,
+                }
+                for c in report["completions"]
+                if (r := state.refused.get(c["completion_id"])) is not None
+            ]
             self._answer(
                 200,
                 {
                     "run_id": report["run_id"],
                     "duplicate": duplicate,
-                    "completions": 0 if duplicate else len(report["completions"]),
+                    "completions": 0 if duplicate else len(report["completions"]) - len(refused),
                     "unknown_completion_ids": [],
+                    "refused": refused,
                 },
             )
 

@@ -209,3 +209,25 @@ def test_spool_dir_default_and_override(tmp_path: Path) -> None:
 def test_fake_server_checks_like_the_real_one() -> None:
     assert report_problems(report("r")) == []
     assert report_problems({**report("r"), "extra": 1})
+
+
+def test_flush_warns_of_refused_completions(tmp_path: Path, kaizen_server: FakeKaizen) -> None:
+    spool = Spool(tmp_path / "spool")
+    waiting = report("github:9:1")
+    waiting["completions"] = [
+        {
+            "completion_id": "cmpl-x",
+            "choice_index": 0,
+            "file_path": "src/calc.py",
+            "final_text": "return a + b",
+            "status": "passed",
+            "tests": [],
+        }
+    ]
+    spool.save(waiting)
+    kaizen_server.refused = {"cmpl-x": "repository_not_in_scope"}
+    warnings: list[str] = []
+    result = spool.flush(KaizenClient(kaizen_server.url, kaizen_server.token), warn=warnings.append)
+    assert result.sent == 1 and not spool.pending()
+    [line] = warnings
+    assert "refused 1 completion (cmpl-x)" in line and line.endswith("[spooled run github:9:1]")

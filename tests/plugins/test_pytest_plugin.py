@@ -293,3 +293,18 @@ def test_sessions_inside_a_reporting_session_do_not_report(
     report = only_report(kaizen_server)
     assert [t["name"] for t in report["tests"]] == ["tests/test_nested.py::test_inner_sessions"]
     assert by_id(report)["cmpl-add"]["tests"] == ["tests/test_nested.py::test_inner_sessions"]
+
+
+def test_refused_completions_are_a_warning_line(
+    project: Project, kaizen_server: FakeKaizen
+) -> None:
+    project.write_ledger(
+        ledger_entry("cmpl-add", "return a + b"), ledger_entry("cmpl-mul", "return a * b")
+    )
+    project.write("tests/test_calc.py", TEST_ADD)
+    kaizen_server.refused = {"cmpl-mul": "repository_not_in_scope"}
+    run = project.pytest(env=env_for(kaizen_server))
+    assert run.returncode == 0, run.output
+    assert "kaizen: reported run" in run.stdout
+    assert "kaizen: warning: the server refused 1 completion (cmpl-mul)" in run.stdout
+    assert "--role ci --repo <that repository>" in run.stdout

@@ -16,6 +16,7 @@ from kaizen_client.report import (
     detect_branch,
     detect_commit,
     detect_run_id,
+    refusal_warnings,
     summarise,
     tail_text,
 )
@@ -150,3 +151,27 @@ def test_summary_line() -> None:
     completions = [{"status": "passed"}, {"status": "failed"}]
     assert summarise({"completions": completions}) == "2 completions (1 passed, 1 failed)"
     assert summarise({"completions": []}) == "0 completions"
+
+
+def test_refusal_warnings_name_the_completions_and_what_to_do() -> None:
+    answer = {
+        "refused": [
+            {"completion_id": "cmpl-a", "choice_index": 0, "reason": "repository_not_in_scope"},
+            {"completion_id": "cmpl-a", "choice_index": 1, "reason": "repository_not_in_scope"},
+            {"completion_id": "cmpl-b", "choice_index": 0, "reason": "repository_not_in_scope"},
+            {"completion_id": "cmpl-c", "choice_index": 0, "reason": "something_new"},
+        ]
+    }
+    first, second = refusal_warnings(answer)
+    assert first.startswith("kaizen: warning: the server refused 2 completions (cmpl-a, cmpl-b)")
+    assert "--role ci --repo <that repository>" in first and "--all-repos" in first
+    assert second == "kaizen: warning: the server refused 1 completion (cmpl-c): something_new"
+    many = {"refused": [{"completion_id": f"c{i}", "reason": "stale"} for i in range(8)]}
+    assert "(c0, c1, c2, c3, c4 and 3 more)" in refusal_warnings(many)[0]
+
+
+@pytest.mark.parametrize(
+    "answer", [None, {}, {"refused": None}, {"refused": "x"}, {"refused": [1, {"reason": "x"}]}]
+)
+def test_refusal_warnings_tolerate_older_or_odd_answers(answer: object) -> None:
+    assert refusal_warnings(answer) == []  # type: ignore[arg-type]

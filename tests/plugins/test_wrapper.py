@@ -186,3 +186,19 @@ def test_pytest_inside_the_wrapper_reports_once_with_attribution(
     assert report["completions"][0]["tests"] == ["tests/test_calc.py::test_add"]
     assert "(already reported)" in run.stderr
     assert run.stdout.count("kaizen: reported run") == 1
+
+
+def test_refused_completions_are_a_warning_line(
+    project: Project, kaizen_server: FakeKaizen
+) -> None:
+    project.write_ledger(
+        ledger_entry("cmpl-add", "return a + b"), ledger_entry("cmpl-sub", "return a - b")
+    )
+    kaizen_server.refused = {"cmpl-sub": "repository_not_in_scope"}
+    run = project.kaizen_report("--", PY, "-c", "pass", env=env_for(kaizen_server.url))
+    assert run.returncode == 0, run.output  # reporting never changes the build's result
+    assert "kaizen: reported run" in run.stderr
+    assert (
+        "kaizen: warning: the server refused 1 completion (cmpl-sub): served in a repository "
+        "this CI token does not cover" in run.stderr
+    )

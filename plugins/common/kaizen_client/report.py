@@ -32,6 +32,7 @@ __all__ = [
     "detect_commit",
     "detect_run_id",
     "now_iso",
+    "refusal_warnings",
     "summarise",
     "tail_text",
 ]
@@ -258,3 +259,43 @@ def summarise(report: Mapping[str, Any]) -> str:
         return f"0 {noun}"
     detail = ", ".join(f"{counts[s]} {s}" for s in RUN_STATUSES if s in counts)
     return f"{len(completions)} {noun} ({detail})"
+
+
+# What a refusal in the server's answer means, and what to do about it (``plugins/PROTOCOL.md``,
+# "Refusals"). A reason this client does not know is printed as it is.
+_REFUSALS = {
+    "repository_not_in_scope": (
+        "served in a repository this CI token does not cover: report them with a token "
+        "created with `kaizen tokens create --role ci --repo <that repository>` "
+        "(or --all-repos on a single-team install)"
+    ),
+    "not_owner": "served to another user's token",
+    "repository_mismatch": "their entry names another repository than the one they were served in",
+    "stale": "the server holds a newer update",
+}
+
+
+def refusal_warnings(answer: Mapping[str, Any] | None, *, limit: int = 5) -> list[str]:
+    """One warning line per reason the server gave in its answer's ``refused`` list: the
+    completions it took no verdict for, so that a CI log says which and why.
+
+    Tolerates an answer without the list (older servers) or with malformed items.
+    """
+    refused = (answer or {}).get("refused")
+    if not isinstance(refused, list):
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for item in refused:
+        if isinstance(item, Mapping) and isinstance(item.get("completion_id"), str):
+            reason = str(item.get("reason") or "refused")
+            ids = by_reason.setdefault(reason, [])
+            if item["completion_id"] not in ids:
+                ids.append(item["completion_id"])
+    lines = []
+    for reason, ids in by_reason.items():
+        more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+        shown = ", ".join(ids[:limit]) + more
+        noun = "completion" if len(ids) == 1 else "completions"
+        why = _REFUSALS.get(reason, reason)
+        lines.append(f"kaizen: warning: the server refused {len(ids)} {noun} ({shown}): {why}")
+    return lines

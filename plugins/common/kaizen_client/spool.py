@@ -24,6 +24,7 @@ from typing import Any
 
 from kaizen_client.client import KaizenClient, KaizenRejected, KaizenUnavailable
 from kaizen_client.ledger import Warn
+from kaizen_client.report import refusal_warnings
 
 __all__ = ["DEFAULT_SPOOL", "Delivery", "FlushResult", "Spool", "deliver", "spool_dir"]
 
@@ -167,7 +168,7 @@ class Spool:
                 warn(f"kaizen: spooled report {path.name} is unreadable ({exc}); moved to {moved}")
                 continue
             try:
-                client.post_outcome(report, timeout=remaining)
+                answer = client.post_outcome(report, timeout=remaining)
             except KaizenUnavailable as exc:
                 result.unavailable = str(exc)
                 result.remaining = len(queue) - index
@@ -189,6 +190,8 @@ class Spool:
                 continue
             path.unlink(missing_ok=True)
             result.sent += 1
+            for line in refusal_warnings(answer):
+                warn(f"{line} [spooled run {report.get('run_id')}]")
         return result
 
 

@@ -35,6 +35,7 @@ from kaizen_client.report import (
     detect_commit,
     detect_run_id,
     now_iso,
+    refusal_warnings,
     summarise,
 )
 from kaizen_client.spool import Spool, deliver, spool_dir
@@ -286,6 +287,8 @@ def _report(
     if delivery.sent:
         duplicate = " (already reported)" if (delivery.answer or {}).get("duplicate") else ""
         _say(f"kaizen: reported run {run_id}: {summarise(report)}{duplicate}")
+        for line in refusal_warnings(delivery.answer):
+            _say(line)
     elif delivery.spooled_to is not None:
         _say(f"kaizen: server unreachable, report spooled to {delivery.spooled_to}")
 

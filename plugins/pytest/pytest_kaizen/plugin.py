@@ -32,6 +32,7 @@ from kaizen_client.report import (
     detect_commit,
     detect_run_id,
     now_iso,
+    refusal_warnings,
     summarise,
 )
 from kaizen_client.spool import Spool, deliver, spool_dir
@@ -378,6 +379,7 @@ class KaizenReporter:
             self.summary.append(
                 f"kaizen: reported run {report['run_id']}: {summarise(report)}{duplicate}{note}"
             )
+            self.summary.extend(refusal_warnings(delivery.answer))
         elif delivery.spooled_to is not None:
             self.summary.append(
                 f"kaizen: server unreachable, report spooled to {delivery.spooled_to}"

@@ -30,18 +30,20 @@ async def post_events(
 
 
 @router.put("/ledger", response_model=LedgerPutResponse)
-async def put_ledger(batch: LedgerBatch, service: FeedbackDep, _: IdeRole) -> LedgerPutResponse:
-    return await service.put_ledger(batch)
+async def put_ledger(
+    batch: LedgerBatch, service: FeedbackDep, principal: IdeRole
+) -> LedgerPutResponse:
+    return await service.put_ledger(batch, principal)
 
 
 @router.get("/ledger", response_model=LedgerList)
 async def get_ledger(
     service: FeedbackDep,
-    _: CiRole,
+    principal: CiRole,
     repository: Annotated[str, Query(min_length=1, max_length=512)],
     since: AwareDatetime | None = None,
 ) -> LedgerList:
-    return await service.get_ledger(repository, since)
+    return await service.get_ledger(repository, since, principal)
 
 
 @router.post("/outcomes", response_model=OutcomeResponse)
