@@ -62,10 +62,12 @@ class TrainConfig:
 
     # Data
     max_length: int = field(
-        default=1024,
+        default=2048,
         metadata={
-            "help": "Tokens of prompt plus completion; longer sequences are cut at the end, "
-            "pairs whose prompt alone fills it are dropped."
+            "help": "Tokens of prompt plus completion: the one budget of a round, the serving "
+            "context (KAIZEN_MAX_MODEL_LEN, the server's default). A round fits pairs to it "
+            "before selection (trainer.budget: FIM prompts trimmed on both sides, completions "
+            "whole); TRL would cut a sequence still longer at the end."
         },
     )
     packing: bool = field(

@@ -8,6 +8,13 @@ actually ran (``final_text``: the developer may have edited it) and the verdict.
 A completion that failed and that the developer then edited into passing code has two outcomes
 (``failed`` with the original text, ``passed`` with the fix, see ``plugins/PROTOCOL.md``). The
 failed record carries the fix as ``fixed_text`` so that the pair builder can pair them directly.
+
+A record also keeps what the model was asked exactly (``single_line``, ``stop``, ``max_tokens``
+from the request, the choice's ``finish_reason``: resampling repeats them, and a text cut off
+by ``max_tokens`` is never trained as complete) and who reported the verdict (``token_id``, for
+the per-token cap). Its ``repository`` is the one the editor named when the completion was
+served, not the one the CI run claims: a CI token must not be able to move a completion into
+another repository's share of the training data.
 """
 
 from __future__ import annotations
@@ -59,6 +66,19 @@ class OutcomeRecord:
     # For a failing outcome: the text of the next passing outcome of the same choice, when the
     # developer changed the text in between (the failure -> fix case); else None.
     fixed_text: str | None = None
+    # The API token that reported the CI run (None: a run stored without one).
+    token_id: int | None = None
+    # The request as the model got it (``completions.params``) and how the choice ended.
+    single_line: bool = False
+    stop: tuple[str, ...] = ()  # every stop string the server used, suffix stops included
+    max_tokens: int | None = None
+    finish_reason: str | None = None  # "stop" | "length" | None (not recorded)
+
+    @property
+    def cut_off(self) -> bool:
+        """The served text ended because ``max_tokens`` ran out, and CI ran it unchanged: it is
+        not a complete answer, whatever CI said about it."""
+        return self.finish_reason == "length" and self.final_text == self.completion_text
 
     @property
     def passed(self) -> bool:
@@ -102,6 +122,7 @@ def load_outcome_records(
     )
     records: list[OutcomeRecord] = []
     for outcome, run, completion, choice in rows:
+        params = completion.params or {}
         records.append(
             OutcomeRecord(
                 completion_id=completion.id,
@@ -115,16 +136,25 @@ def load_outcome_records(
                 final_text=outcome.final_text,
                 status=outcome.status,
                 run_id=run.run_id,
-                # The run's repository is what CI checked out; the completion's is what the
-                # editor claimed. They agree unless a ledger entry moved between repositories.
-                repository=run.repository or completion.repository,
+                # What the editor said when the completion was served; a CI run's claim can be
+                # anything its token is allowed to write, so it never moves a completion.
+                repository=completion.repository,
                 file_path=outcome.file_path or completion.file_path,
                 adapter=completion.adapter,
                 received_at=run.received_at,
                 test_code=outcome.test_code,
+                token_id=run.token_id,
+                single_line=bool(params.get("single_line", False)),
+                stop=tuple(str(s) for s in params.get("stop") or ()),
+                max_tokens=_int_or_none(params.get("max_tokens")),
+                finish_reason=choice.finish_reason if choice is not None else None,
             )
         )
     return _attach_fixes(records)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _attach_fixes(records: list[OutcomeRecord]) -> list[OutcomeRecord]:

@@ -34,9 +34,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.store import adapters as registry
 from server.store import rounds as round_store
-from server.store.models import Adapter, Completion
+from server.store.governance import excluded_repositories
+from server.store.models import Adapter, ApiToken, Completion
+from trainer.budget import fit_pairs
 from trainer.config import TrainConfig
-from trainer.pairs import Context, Pair, PairInfo, build_pairs
+from trainer.pairs import (
+    DEFAULT_MAX_FIX_DISTANCE,
+    DEFAULT_MAX_TOKEN_SHARE,
+    Context,
+    Pair,
+    PairInfo,
+    ResampleAsk,
+    build_pairs,
+    record_id,
+)
 from trainer.records import OutcomeRecord, load_outcome_records
 from trainer.sandbox import Sandbox
 
@@ -62,6 +73,14 @@ class RoundOptions:
         default=1, metadata={"help": "Re-runs of a failing text; a pass on any makes it flaky."}
     )
     max_pairs_per_context: int = field(default=4, metadata={"help": "Cap per prompt."})
+    max_fix_distance: float = field(
+        default=DEFAULT_MAX_FIX_DISTANCE,
+        metadata={"help": "Largest normalised edit distance of a fix from the served text."},
+    )
+    max_token_share: float = field(
+        default=DEFAULT_MAX_TOKEN_SHARE,
+        metadata={"help": "Largest share of the pairs one reporting CI token may be behind."},
+    )
     select: bool = field(default=True, metadata={"help": "Apply CDAS selection (else train all)."})
     select_fraction: float = field(
         default=0.5, metadata={"help": "Share of each cluster kept, by IFD."}
@@ -85,6 +104,12 @@ class RoundOptions:
             raise ValueError(f"select_fraction must be in (0, 1], got {self.select_fraction}")
         if self.min_pairs < 1:
             raise ValueError(f"min_pairs must be at least 1, got {self.min_pairs}")
+        if not 0 <= self.max_fix_distance <= 1:
+            raise ValueError(f"max_fix_distance must be in [0, 1], got {self.max_fix_distance}")
+        if not 0 < self.max_token_share <= 1:
+            raise ValueError(
+                f"max_token_share must be in (0, 1] (1: no cap), got {self.max_token_share}"
+            )
 
 
 @dataclass
@@ -152,10 +177,6 @@ def _stage(durations: dict[str, float], name: str) -> Iterator[None]:
         log.info("event=round_stage_end stage=%s duration_s=%.1f", name, durations[name])
 
 
-def _record_id(r: OutcomeRecord) -> str:
-    return f"{r.completion_id}:{r.choice_index}:{r.run_id}"
-
-
 def _count_completions(session: Session, until: datetime) -> int:
     return (
         session.scalar(
@@ -163,6 +184,13 @@ def _count_completions(session: Session, until: datetime) -> int:
         )
         or 0
     )
+
+
+def _token_names(session: Session, ids: set[int]) -> dict[str, str]:
+    if not ids:
+        return {}
+    rows = session.execute(select(ApiToken.id, ApiToken.name).where(ApiToken.id.in_(ids)))
+    return {str(token_id): name for token_id, name in sorted(rows.tuples())}
 
 
 def _save_json(path: Path, payload: Any) -> None:
@@ -173,20 +201,39 @@ def _save_json(path: Path, payload: Any) -> None:
 
 def _batch_resampler(
     get_generator: Callable[[], Generator], adapter: Path | None, options: RoundOptions
-) -> Callable[[Sequence[tuple[str, str | None]], int], list[list[str]]]:
+) -> Callable[[Sequence[ResampleAsk], int], list[list[str]]]:
+    """Samples as the user was served: the recorded ``single_line``, stop strings and
+    ``max_tokens`` (the round's ``resample_max_tokens`` where none was recorded). Samples cut
+    off by ``max_tokens`` are left out: they are not answers."""
     from trainer.generate import GenerationRequest
 
-    def resample(asks: Sequence[tuple[str, str | None]], n: int) -> list[list[str]]:
-        requests = [GenerationRequest(prompt=p, suffix=s) for p, s in asks]
-        return get_generator().generate(
-            requests,
-            adapter=adapter,
-            n=n,
-            temperature=options.resample_temperature,
-            max_tokens=options.resample_max_tokens,
-            seed=options.seed,
-            progress=True,
-        )
+    def resample(asks: Sequence[ResampleAsk], n: int) -> list[list[str]]:
+        requests = [
+            GenerationRequest(
+                prompt=a.prompt,
+                suffix=a.suffix,
+                single_line=a.single_line,
+                stop=a.stop,
+                max_tokens=a.max_tokens,
+            )
+            for a in asks
+        ]
+        generator = get_generator()
+        kwargs: dict[str, Any] = {
+            "adapter": adapter,
+            "n": n,
+            "temperature": options.resample_temperature,
+            "max_tokens": options.resample_max_tokens,
+            "seed": options.seed,
+            "progress": True,
+        }
+        choices = getattr(generator, "generate_choices", None)
+        if choices is None:  # a generator that cannot say how a sample ended
+            return generator.generate(requests, **kwargs)
+        return [
+            [c.text for c in row if c.finish_reason != "length"]
+            for row in choices(requests, **kwargs)
+        ]
 
     return resample
 
@@ -197,6 +244,9 @@ def _build_pairs_stage(
     options: RoundOptions,
     parent_dir: Path | None,
     generator_factory: GeneratorFactory | None,
+    base_model_dir: Path,
+    budget: int,
+    excluded: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     generator: Generator | None = None
 
@@ -222,14 +272,23 @@ def _build_pairs_stage(
             flaky_reruns=options.flaky_reruns,
             max_pairs_per_context=options.max_pairs_per_context,
             seed=options.seed,
+            excluded_repositories=excluded,
+            max_fix_distance=options.max_fix_distance,
+            max_token_share=options.max_token_share,
         )
     finally:
         if generator is not None:
             generator.close()  # frees the engine's memory before training
+    from transformers import AutoTokenizer
+
+    # Fitted here, once, so that pairs.json holds exactly what selection scores and training
+    # trains, under the same budget.
+    fitted = fit_pairs(built.pairs, AutoTokenizer.from_pretrained(str(base_model_dir)), budget)
     return {
-        "pairs": [asdict(p) for p in built.pairs],
-        "info": {pid: asdict(i) for pid, i in built.info.items()},
-        "funnel": built.funnel,
+        "pairs": [asdict(p) for p in fitted.pairs],
+        "info": {p.id: asdict(built.info[p.id]) for p in fitted.pairs},
+        "funnel": {**built.funnel, "fit": fitted.funnel, "pairs_fitted": len(fitted.pairs)},
+        "dropped_records": built.dropped_records,
     }
 
 
@@ -349,6 +408,9 @@ def run_round(
         with _stage(durations, "load_records"):
             records = load_outcome_records(session=session, until=until)
             completions = _count_completions(session, until)
+            # Read when the round starts: `kaizen repos exclude` holds from the next round on.
+            excluded = excluded_repositories(session=session)
+            reporters = _token_names(session, {r.token_id for r in records if r.token_id})
 
     def save(**fields: Any) -> None:
         if round_id is None:
@@ -360,6 +422,9 @@ def run_round(
         "completions": completions,
         "outcome_records": len(records),
         "records_with_verdict": sum(1 for r in records if r.passed or r.failed),
+        "excluded_repositories": sorted(excluded),
+        # Who the token ids of the pairs' `token_shares` are (`kaizen tokens list`).
+        "reporting_tokens": reporters,
     }
     report = RoundReport(
         round_id=round_id,
@@ -380,6 +445,9 @@ def run_round(
                     options=options,
                     parent_dir=parent_dir,
                     generator_factory=generator_factory,
+                    base_model_dir=base_model_dir,
+                    budget=config.max_length,
+                    excluded=excluded,
                 )
             _save_json(pairs_file, built)
         pairs = [Pair(**p) for p in built["pairs"]]
@@ -427,7 +495,11 @@ def run_round(
         from trainer.train import train_adapter
 
         used = {info[p.id].context_key for p in selected}
-        record_ids = sorted(_record_id(r) for r in records if r.context_key in used)
+        # The records behind the trained contexts, less those governance left out.
+        left_out = built.get("dropped_records", {})
+        record_ids = sorted(
+            rid for r in records if r.context_key in used and (rid := record_id(r)) not in left_out
+        )
         with _stage(durations, "train"):
             result = train_adapter(
                 base_model_dir=base_model_dir,

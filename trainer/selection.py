@@ -95,8 +95,10 @@ def score_pairs(
     the chosen tokens the conditioned loss; a causal model's prompt states do not depend on
     what follows) and start-token+chosen (the unconditioned loss). Starting the second with the
     model's document-start token makes both losses cover exactly the same chosen tokens.
-    Prompts longer than the budget keep their end (nearest the cursor); chosen texts keep
-    their first ``max_response_tokens`` tokens.
+    A round gives pairs already fitted to ``max_length`` (:mod:`trainer.budget`: FIM prompts
+    trimmed on both sides, completions whole), so nothing is cut here; for other callers a
+    chosen text keeps its first ``max_response_tokens`` tokens and a prompt then too long its
+    end.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -398,7 +400,8 @@ def select_pairs(
 ) -> SelectionResult:
     """Score ``pairs`` with the model in ``model_dir`` (+ ``adapter_dir``) and select a diverse,
     hard subset. ``repositories`` maps pair id to repository (``PairBuildResult.repositories``).
-    ``max_response_tokens`` defaults to 256 or half of ``max_length``, whichever is less.
+    ``max_response_tokens`` defaults to ``max_length - 1``: the whole chosen text is scored,
+    as it is trained (fit the pairs to ``max_length`` first, see :mod:`trainer.budget`).
     """
     if not pairs:
         return select_from_scores(
@@ -413,7 +416,7 @@ def select_pairs(
         adapter_dir=adapter_dir,
         batch_size=batch_size,
         max_length=max_length,
-        max_response_tokens=max_response_tokens or min(256, max_length // 2),
+        max_response_tokens=max_response_tokens or max_length - 1,
     )
     return select_from_scores(
         pairs,

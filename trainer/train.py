@@ -11,6 +11,9 @@ on a LoRA adapter, with TRL's ``DPOTrainer`` (``loss_type=["sigmoid", "sft"]``).
   computed once for both sides where the attention allows (``config.share_prompt``), and
   :class:`KaizenDPOTrainer` computes the same loss and metrics as TRL from the packed rows;
   otherwise TRL pads them.
+* Pairs are fitted to ``config.max_length`` first (:mod:`trainer.budget`: a FIM prompt is trimmed
+  on both sides and rebuilt, completions are kept whole), so TRL's own truncation, which keeps
+  a sequence's start and so cuts off the suffix and ``<|fim_middle|>``, never applies.
 * A non-finite gradient or logged value stops the round at once and saves nothing: the caller
   keeps the active adapter. Checkpoints every ``save_steps`` let an interrupted round resume.
 
@@ -47,6 +50,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from server.engine.adapters import base_fingerprint
+from trainer.budget import fit_pairs
 from trainer.config import TrainConfig
 from trainer.packing import (
     LengthBucketSampler,
@@ -314,11 +318,24 @@ def train_adapter(
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        fitted = fit_pairs(pairs, tokenizer, config.max_length)
+        if fitted.funnel["trimmed"] or len(fitted.pairs) < len(pairs):
+            log.info(
+                "event=pairs_fitted max_length=%d trimmed=%d too_long=%s",
+                config.max_length,
+                fitted.funnel["trimmed"],
+                fitted.funnel["too_long"],
+            )
+        if not fitted.pairs:
+            raise ValueError(
+                f"no pair fits max_length={config.max_length} (a completion alone is longer, "
+                "or a chat prompt); raise max_length"
+            )
         model, peft_config = _load_model(base_model_dir, parent_adapter, config)
         dataset = Dataset.from_list(
             [
                 {"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-                for p in pairs
+                for p in fitted.pairs
             ]
         )
         share_prompt = config.packing and config.share_prompt

@@ -8,6 +8,10 @@ one verdict is new (trigger ``schedule``), unless ops paused training (``kaizen 
 file lock (``rounds_dir/.lock``) while it works, so a second worker on the same host, or a
 manual ``kaizen train``, waits its turn or gives up. A round left ``running`` in the database
 while nobody holds the lock was killed; the next tick resumes it (see :mod:`trainer.round`).
+
+With a retention window (``KAIZEN_RETENTION_DAYS``) every tick also deletes the records older
+than it (:func:`server.store.governance.prune_records`), paused training or not: retention is
+a promise to the users, not a training setting.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
 from server.store import rounds as round_store
+from server.store.governance import prune_records
 from server.store.rollout import get_rollout_state
 from trainer.config import TrainConfig
 from trainer.round import RoundOptions, RoundReport
@@ -102,18 +107,38 @@ class RoundWorker:
         schedule: Schedule,
         run: Callable[[str, int | None], RoundReport],
         poll_seconds: float = 60.0,
+        retention_days: float = 0.0,
     ) -> None:
         self.session_factory = session_factory
         self.rounds_dir = rounds_dir
         self.schedule = schedule
         self.run = run
         self.poll_seconds = poll_seconds
+        self.retention_days = retention_days
+
+    def prune(self) -> int:
+        """Delete records older than the retention window (0: keep everything); how many rows
+        went. Done under the round lock, so a running round never loses its input."""
+        if self.retention_days <= 0:
+            return 0
+        with self.session_factory() as session:
+            result = prune_records(session=session, retention_days=self.retention_days)
+        if result.total:
+            log.info(
+                "event=records_pruned cutoff=%s completions=%d ci_runs=%d outcomes=%d",
+                result.cutoff.isoformat(),
+                result.completions,
+                result.ci_runs,
+                result.outcomes,
+            )
+        return result.total
 
     def tick(self) -> RoundReport | None:
         """Resume a killed round, or start a due one; None when there is nothing to do or
         another worker holds the lock."""
         try:
             with round_lock(self.rounds_dir):
+                self.prune()
                 with self.session_factory() as session:
                     if get_rollout_state(session=session).training_paused:
                         log.info("event=training_paused")  # `kaizen rollout set --training`
@@ -191,8 +216,16 @@ def round_runner(
     assert settings.rounds_dir is not None
     rounds_dir = settings.rounds_dir
     base_model_dir = resolve_model_dir(settings)
-    config = config or TrainConfig(max_steps=settings.train_max_steps)
-    options = options or RoundOptions(n_resample=settings.train_resample)
+    # One token budget for everything: what the server can serve (KAIZEN_MAX_MODEL_LEN) is
+    # what selection scores and training trains (see trainer.budget).
+    config = config or TrainConfig(
+        max_steps=settings.train_max_steps, max_length=settings.max_model_len
+    )
+    options = options or RoundOptions(
+        n_resample=settings.train_resample,
+        max_token_share=settings.train_max_token_share,
+        max_fix_distance=settings.train_max_fix_distance,
+    )
 
     generator = vllm_generator_factory(settings, base_model_dir)
 
@@ -225,13 +258,10 @@ def round_runner(
 
 
 def gate_config(settings: Settings) -> Any:
-    """The gate as the settings describe it (MBPP+'s dev split only where its file is set)."""
-    from trainer.gate import GATE_SUITES, GateConfig
+    """The gate as the settings describe it (MBPP+ ships with Kaizen: every suite runs)."""
+    from trainer.gate import GateConfig
 
-    suites = tuple(s for s in GATE_SUITES if s != "mbpp_dev" or settings.mbpp_path is not None)
-    return GateConfig(
-        suites=suites, limit=settings.gate_limit, margin_points=settings.gate_margin_points
-    )
+    return GateConfig.from_settings(settings)
 
 
 def gate_and_canary(
@@ -258,7 +288,7 @@ def gate_and_canary(
             adapter_name=adapter_name,
             generator=engine,
             sandbox=Sandbox(workers=2),
-            mbpp_path=settings.mbpp_path or Path("mbppplus.jsonl"),
+            mbpp_path=settings.mbpp_path,
             config=gate_config(settings),
             progress=progress,
             suites=suites,

@@ -7,6 +7,7 @@ with a tiny random model and LoRAs built here, one generator shared by the modul
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,14 +47,16 @@ CASES = {
 
 def _served(service: CompletionService, request: GenerationRequest) -> tuple[list[int], ...]:
     """What the server hands the engine for the same request: prompt ids, stops, stop ids."""
-    job = service.prepare_completion(
-        CompletionRequest(
-            model=service.engine.model_name,
-            prompt=request.prompt,
-            suffix=request.suffix,
-            single_line=request.single_line,
-        ),
-        PRINCIPAL,
+    job = asyncio.run(
+        service.prepare_completion(
+            CompletionRequest(
+                model=service.engine.model_name,
+                prompt=request.prompt,
+                suffix=request.suffix,
+                single_line=request.single_line,
+            ),
+            PRINCIPAL,
+        )
     )
     params = job.params
     return job.prompt_token_ids, list(params.stop), list(params.stop_token_ids)
@@ -218,3 +221,35 @@ def test_unusable_adapters_are_refused(engine: Engine) -> None:
         gen.generate(REQUESTS[:1], adapter=engine.lora_big, max_tokens=4)
     with pytest.raises(ValueError, match="adapter_config.json"):
         gen.generate(REQUESTS[:1], adapter=engine.not_an_adapter, max_tokens=4)
+
+
+def test_resampling_a_recorded_request_uses_its_stops_as_served(tmp_path: Path) -> None:
+    """A recorded request's ``stop`` (what the server used: the client's, the suffix's and the
+    single-line stop) given back to ``prepare_request`` reproduces the served stops exactly,
+    each once, and the client's own stop strings are no longer lost."""
+    engine = FakeEngine(max_model_len=1024)
+    service = CompletionService(engine=engine, recorder=None, settings=_settings(tmp_path))  # type: ignore[arg-type]
+    served = asyncio.run(
+        service.prepare_completion(
+            CompletionRequest(
+                model=engine.model_name,
+                prompt="def add(a, b):\n    c = ",
+                suffix="\n    return c\n",
+                single_line=True,
+                stop=["# end"],
+                max_tokens=12,
+            ),
+            PRINCIPAL,
+        )
+    )
+    recorded = served.record.params
+    request = GenerationRequest(
+        "def add(a, b):\n    c = ",
+        "\n    return c\n",
+        single_line=recorded["single_line"],
+        stop=tuple(recorded["stop"]),
+        max_tokens=recorded["max_tokens"],
+    )
+    prepared = prepare_request(request, engine)
+    assert sorted(prepared.stop) == sorted(served.params.stop)
+    assert len(prepared.stop) == len(set(prepared.stop)) and "# end" in prepared.stop

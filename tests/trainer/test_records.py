@@ -217,3 +217,49 @@ def test_since_keeps_later_runs_only(session_factory) -> None:  # type: ignore[n
 def test_empty_database(session_factory) -> None:  # type: ignore[no-untyped-def]
     with session_factory() as session:
         assert load_outcome_records(session=session) == []
+
+
+def test_the_served_record_names_the_repository_and_the_request(session_factory) -> None:  # type: ignore[no-untyped-def]
+    """The repository is the editor's, at completion time: a CI run claiming another one does
+    not move the completion. The request's parameters, the choice's finish reason and the
+    reporting token come along for resampling, cut-off detection and the per-token cap."""
+    from server.store.tokens import Role, create_token
+
+    with session_factory() as session:
+        token, _ = create_token(session=session, name="ci-x", role=Role.CI)
+        record = _completion("cmpl-a", prompt="def f(x):\n    ", suffix="\n", texts=("ret",))
+        record.params = {"max_tokens": 3, "stop": ["\n", "x = 1"], "single_line": True}
+        record.choices[0].finish_reason = "length"
+        save_completions(session=session, records=[record])
+        run = {
+            "run_id": "ci:claim",
+            "repository": "github.com/evil/other",
+            "commit": "c0",
+            "status": "failed",
+            "tests": [],
+        }
+        save_outcome(
+            session=session,
+            run=run,
+            completions=[{"completion_id": "cmpl-a", "choice_index": 0, "file_path": "f.py",
+                          "final_text": "ret", "status": "failed", "tests": []}],
+            raw={},
+            token_id=token.id,
+        )  # fmt: skip
+        (loaded,) = load_outcome_records(session=session)
+    assert loaded.repository == REPO  # not github.com/evil/other
+    assert loaded.token_id == token.id
+    assert (loaded.single_line, loaded.stop, loaded.max_tokens) == (True, ("\n", "x = 1"), 3)
+    assert loaded.finish_reason == "length"
+    assert loaded.cut_off  # ran out of max_tokens and CI ran it unchanged
+
+
+def test_an_edited_cut_off_text_is_the_developers(session_factory) -> None:  # type: ignore[no-untyped-def]
+    with session_factory() as session:
+        record = _completion("cmpl-a", prompt="def f(x):\n    ", suffix="\n", texts=("ret",))
+        record.choices[0].finish_reason = "length"
+        save_completions(session=session, records=[record])
+        passed = {"completion_id": "cmpl-a", "final_text": "return x", "status": "passed"}
+        _run(session, "ci:1", "passed", [passed])
+        (loaded,) = load_outcome_records(session=session)
+    assert loaded.finish_reason == "length" and not loaded.cut_off

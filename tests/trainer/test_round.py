@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.store import adapters as registry
@@ -407,3 +408,258 @@ def test_round_json_files_are_complete(
     assert len(pairs["pairs"]) == 6 and set(pairs["info"]) == {p["id"] for p in pairs["pairs"]}
     assert sorted(selection["selected"]) == sorted(p["id"] for p in pairs["pairs"])
     assert not list(work.rglob("*.partial"))
+
+
+# -- governance: secrets, exclusions, retention, resampling as served -------------------------
+
+
+def _add(
+    session: Session,
+    cid: str,
+    *,
+    prompt: str,
+    suffix: str | None,
+    text: str,
+    verdict: str,
+    test: str | None,
+    repository: str = REPO,
+    final_text: str | None = None,
+    run: str | None = None,
+    token_id: int | None = None,
+) -> None:
+    save_completions(
+        session=session,
+        records=[
+            CompletionRecord(
+                id=cid,
+                created_at=datetime.now(UTC),
+                token_id=None,
+                endpoint="completions",
+                model="tiny",
+                adapter=None,
+                prompt=prompt,
+                suffix=suffix,
+                params={"max_tokens": 64},
+                stream=False,
+                context={"language": "python", "file_path": "m.py", "repository": repository},
+                choices=[ChoiceRecord(index=0, text=text, tokens=4, finish_reason="stop")],
+            )
+        ],
+    )
+    _verdict(
+        session, cid, final_text or text, verdict, test, run or f"ci:{cid}", repository, token_id
+    )
+
+
+def _verdict(
+    session: Session,
+    cid: str,
+    text: str,
+    verdict: str,
+    test: str | None,
+    run: str,
+    repo: str,
+    token_id: int | None = None,
+) -> None:
+    save_outcome(
+        session=session,
+        run={"run_id": run, "repository": repo, "commit": "c0", "status": verdict, "tests": []},
+        completions=[{"completion_id": cid, "choice_index": 0, "file_path": "m.py",
+                      "final_text": text, "status": verdict, "tests": [], "test_code": test}],
+        raw={},
+        token_id=token_id,
+    )  # fmt: skip
+
+
+def test_planted_secrets_reach_neither_pairs_nor_selection_nor_trained_batches(
+    session_factory: sessionmaker[Session],
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS keys, a private-key block, a password in a URL, a JWT and a high-entropy token,
+    planted in recorded completions (prompt, suffix, passing text, failing text, the fix),
+    go through the real round: records -> pairs.json -> selection.json -> the batches the
+    trainer's collator builds. None of them is there; the funnel counts them."""
+    from tests.trainer.test_secrets import PLANTS, SECRET_STRINGS
+    from trainer.packing import PackedPreferenceCollator
+
+    with session_factory() as session:
+        add_records(session)  # six clean tasks
+        for i, (_kind, line) in enumerate(sorted(PLANTS.items())):
+            name = f"leak{i}"
+            prompt = f"def {name}(a, b):\n"
+            test = f"assert {name}(2, 3) == 5\n"
+            good, bad = "    return a + b\n", "    return a - b\n"
+            where = i % 5
+            if where == 0:
+                prompt = f"{line.strip()}\n{prompt}"
+            suffix = f"\n{line.strip()}\n" if where == 1 else "\n"
+            if where == 2:
+                good = f"{line}\n{good}"
+            if where == 3:
+                bad = f"{line}\n{bad}"
+            _add(session, f"cmpl-{name}-f", prompt=prompt, suffix=suffix, text=bad,
+                 verdict="failed", test=test)  # fmt: skip
+            if where == 4:  # the failure -> "fix" case: the fix carries the secret
+                fix = f"{good}{line}\n"
+                _verdict(session, f"cmpl-{name}-f", fix, "passed", test, f"ci:{name}-fix", REPO)
+            else:
+                _add(session, f"cmpl-{name}-p", prompt=prompt, suffix=suffix, text=good,
+                     verdict="passed", test=test)  # fmt: skip
+        # A clean task's context with one more failure, holding a key: the context still
+        # trains (its clean records), that record does not.
+        name, prompt, _good, bad, test = TASKS[0]
+        leak = f"{PLANTS['aws_key']}\n{bad}"
+        _add(session, "cmpl-extra", prompt=prompt, suffix="\n", text=leak, verdict="failed",
+             test=test)  # fmt: skip
+
+    batches: list[dict[str, Any]] = []
+    original = PackedPreferenceCollator.__call__
+
+    def spy(self: PackedPreferenceCollator, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batches.extend(examples)
+        return original(self, examples)
+
+    monkeypatch.setattr(PackedPreferenceCollator, "__call__", spy)
+    options = _options(select=True, select_fraction=1.0)
+    report = _round(session_factory, model_dir, tmp_path / "rounds", options=options)
+    assert report.status == "succeeded", report.error
+
+    work = tmp_path / "rounds" / f"round-{report.round_id:05d}"
+    pairs_text = (work / "pairs.json").read_text()
+    selection_text = (work / "selection.json").read_text()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    trained = [
+        tokenizer.decode(list(b["prompt_ids"]) + list(b["chosen_ids"]) + list(b["rejected_ids"]))
+        for b in batches
+    ]
+    assert trained, "the collator saw the training batches"
+    for secret in SECRET_STRINGS:
+        assert secret not in pairs_text
+        assert secret not in selection_text
+        assert not any(secret in text for text in trained), secret
+    funnel = report.funnel["pairs"]
+    # Every planted task lost its secret record(s); the clean tasks all made pairs.
+    assert funnel["records_dropped"]["secret"] >= len(PLANTS) + 1
+    assert funnel["pairs_by_source"]["ci"] == 6 and funnel["pairs"] == 6
+    with session_factory() as session:
+        adapter = registry.get_adapter(session=session, name=report.adapter_name or "")
+        assert adapter is not None
+        record_ids = adapter.manifest["record_ids"]
+    dropped = json.loads(pairs_text)["dropped_records"]
+    assert dropped["cmpl-extra:0:ci:cmpl-extra"] == "secret"
+    assert not set(dropped) & set(record_ids)
+
+
+def test_an_excluded_repository_is_left_out_from_the_next_round(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    from server.store.governance import exclude_repository
+
+    other = "github.com/acme/contract-work"
+    with session_factory() as session:
+        add_records(session)
+        for name, prompt, good, bad, test in TASKS[:2]:
+            for verdict, text in (("failed", bad), ("passed", good)):
+                cid = f"cmpl-{name}-{verdict}-other"
+                _add(session, cid, prompt=f"# x\n{prompt}", suffix="\n", text=text,
+                     verdict=verdict, test=test, repository=other)  # fmt: skip
+    before = _round(session_factory, model_dir, tmp_path / "r1", dry_run=True)
+    assert before.funnel["pairs"]["pairs"] == 8
+    with session_factory() as session:
+        exclude_repository(session=session, repository=other, actor="ops:test")
+    after = _round(session_factory, model_dir, tmp_path / "r2", dry_run=True)
+    assert after.funnel["excluded_repositories"] == [other]
+    assert after.funnel["pairs"]["records_dropped"]["excluded_repository"] == 4
+    assert after.funnel["pairs"]["pairs"] == 6
+
+
+def test_the_worker_prunes_records_past_the_retention_window(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    from server.store.models import CiRun, Completion
+
+    with session_factory() as session:
+        add_records(session)
+        old = datetime.now(UTC) - timedelta(days=10)
+        for row in session.scalars(select(Completion)):
+            row.created_at = old
+        for run in session.scalars(select(CiRun)):
+            run.received_at = old
+        session.commit()
+    calls: list[str] = []
+
+    def run(trigger: str, resume_round_id: int | None):  # type: ignore[no-untyped-def]
+        calls.append(trigger)
+
+    keep = RoundWorker(session_factory=session_factory, rounds_dir=tmp_path,
+                       schedule=Schedule(min_new_records=10_000), run=run)  # fmt: skip
+    keep.tick()
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Completion)) == 12
+    worker = RoundWorker(session_factory=session_factory, rounds_dir=tmp_path,
+                         schedule=Schedule(min_new_records=10_000), run=run,
+                         retention_days=7)  # fmt: skip
+    worker.tick()
+    with session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Completion)) == 0
+        assert session.scalar(select(func.count()).select_from(CiRun)) == 0
+    assert calls == []
+
+
+def test_resampling_repeats_the_served_request_and_drops_cut_off_samples() -> None:
+    from trainer.generate import GeneratedChoice, GenerationRequest
+    from trainer.pairs import ResampleAsk
+    from trainer.round import _batch_resampler
+
+    class Recording:
+        def __init__(self) -> None:
+            self.requests: list[GenerationRequest] = []
+            self.kwargs: dict[str, Any] = {}
+
+        def generate_choices(self, requests, **kwargs):  # type: ignore[no-untyped-def]
+            self.requests += requests
+            self.kwargs = kwargs
+            row = [GeneratedChoice("return a + b", "stop"), GeneratedChoice("return (a", "length")]
+            return [row for _ in requests]
+
+        def generate(self, requests, **kwargs):  # type: ignore[no-untyped-def]
+            raise AssertionError("generate_choices is preferred")
+
+        def close(self) -> None:
+            pass
+
+    generator = Recording()
+    resample = _batch_resampler(lambda: generator, None, RoundOptions(resample_max_tokens=99))
+    asks = [ResampleAsk("def f(a, b):\n    ", "\n", single_line=True, stop=("\n",), max_tokens=7)]
+    assert resample(asks, 2) == [["return a + b"]]  # the cut-off sample is no answer
+    assert generator.requests == [
+        GenerationRequest("def f(a, b):\n    ", "\n", single_line=True, stop=("\n",), max_tokens=7)
+    ]
+    assert generator.kwargs["max_tokens"] == 99 and generator.kwargs["n"] == 2
+
+
+def test_the_funnel_names_each_reporting_tokens_share(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    from server.store.tokens import Role, create_token
+
+    with session_factory() as session:
+        busy = create_token(session=session, name="ci-busy", role=Role.CI)[0].id
+        quiet = create_token(session=session, name="ci-quiet", role=Role.CI)[0].id
+        for i, (name, prompt, good, bad, test) in enumerate(TASKS):
+            token = busy if i < 4 else quiet
+            for verdict, text in (("failed", bad), ("passed", good)):
+                _add(session, f"cmpl-{name}-{verdict}", prompt=prompt, suffix="\n", text=text,
+                     verdict=verdict, test=test, token_id=token)  # fmt: skip
+    report = _round(session_factory, model_dir, tmp_path / "rounds", dry_run=True)
+    funnel = report.funnel
+    assert funnel["reporting_tokens"] == {str(busy): "ci-busy", str(quiet): "ci-quiet"}
+    pairs = funnel["pairs"]
+    assert pairs["token_shares_before_cap"] == {str(busy): round(4 / 6, 4), str(quiet): 0.3333}
+    # The default cap (half the round) holds the busy token to half of what is trained.
+    assert pairs["token_shares"] == {str(busy): 0.5, str(quiet): 0.5}
+    assert pairs["dropped"]["token_cap"] == 2 and pairs["pairs"] == 4

@@ -358,3 +358,54 @@ def test_a_checkpoint_cut_short_by_a_kill_is_skipped(tmp_path: Path) -> None:
     for folder in tmp_path.iterdir():
         (folder / "trainer_state.json").unlink()
     assert _last_complete_checkpoint(tmp_path) is None
+
+
+def test_an_ide_sized_fim_prompt_is_trimmed_not_mangled(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIM prompt far over max_length trains as a well-formed FIM prompt of the lines nearest
+    the cursor, with its completions whole (TRL's keep-start truncation would cut off the
+    suffix, the ``<|fim_middle|>`` marker and the completions)."""
+    from transformers import AutoTokenizer
+
+    from server.services.fim import FimFormat
+    from trainer.packing import PackedPreferenceCollator
+
+    prefix = "".join(f"def helper_{i}(x):\n    return x + {i}\n\n" for i in range(60))
+    prefix += "def add(a, b):\n    "
+    suffix = "\n\n" + "".join(f"print(helper_{i}(1))\n" for i in range(30))
+    long_pair = Pair(
+        "fim-long",
+        FimFormat().build(prefix, suffix),
+        "return a + b\n",
+        "return a - b\n",
+        "ci",
+        prefix=prefix,
+        suffix=suffix,
+    )
+    seen: list[dict[str, Any]] = []
+    original = PackedPreferenceCollator.__call__
+
+    def spy(self: PackedPreferenceCollator, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        seen.extend(examples)
+        return original(self, examples)
+
+    monkeypatch.setattr(PackedPreferenceCollator, "__call__", spy)
+    config = _config(max_steps=1, batch_size=4, save_steps=1000)
+    result = _train(model_dir, tmp_path, pairs=[long_pair, *PAIRS[:3]], config=config)
+    assert "fim-long" in result.trained_pair_ids
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    (example,) = [e for e in seen if "helper_" in tokenizer.decode(e["prompt_ids"])][:1]
+    prompt = tokenizer.decode(example["prompt_ids"])
+    assert prompt.startswith("<|fim_prefix|>") and prompt.endswith("<|fim_middle|>")
+    before, after = prompt.removeprefix("<|fim_prefix|>").split("<|fim_suffix|>")
+    after = after.removesuffix("<|fim_middle|>")
+    # The lines nearest the cursor on both sides, whole lines only.
+    assert prefix.endswith(before) and before.endswith("def add(a, b):\n    ")
+    assert len(before) < len(prefix) and prefix[len(prefix) - len(before) - 1] == "\n"
+    assert after and suffix.startswith(after) and after.endswith("\n")
+    assert tokenizer.decode(example["chosen_ids"]).startswith("return a + b\n")
+    total = len(example["prompt_ids"]) + max(
+        len(example["chosen_ids"]), len(example["rejected_ids"])
+    )
+    assert total <= config.max_length
