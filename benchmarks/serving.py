@@ -64,7 +64,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `tests` 
 
 from benchmarks.common import (
     LOOPBACK,
-    REPO_ROOT,
     RESULTS_DIR,
     ServerProcess,
     git_commit,
@@ -76,7 +75,7 @@ from benchmarks.common import (
     write_results,
 )
 
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "mbppplus.jsonl"
+DEFAULT_DATA = None  # the MBPP+ copy bundled in trainer/data/ (trainer.tasks.mbpp_path)
 TARGET_TTFT_P50_RATIO = 1.03
 TARGET_THROUGHPUT_RATIO = 0.97
 SERVERS = ("raw", "kaizen")
@@ -154,26 +153,23 @@ def split_code(
     return "".join(lines[:cut]), suffix if suffix.strip() else "\n"
 
 
-def load_cases(path: Path, seed: int, hole_lines: int = 1) -> list[FimCase]:
+def load_cases(path: Path | None, seed: int, hole_lines: int = 1) -> list[FimCase]:
     from server.services.fim import suffix_stops
+    from trainer.tasks import read_mbpp_rows
 
     cases: list[FimCase] = []
-    with path.open() as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            task = json.loads(line)
-            code = str(task["prompt"]) + str(task["canonical_solution"])
-            rng = random.Random(f"{seed}:{task['task_id']}")
-            prefix, suffix = split_code(code, str(task["entry_point"]), rng, hole_lines)
-            cases.append(
-                FimCase(
-                    task_id=str(task["task_id"]),
-                    prefix=prefix,
-                    suffix=suffix,
-                    stops=tuple(suffix_stops(suffix)),
-                )
+    for task in read_mbpp_rows(path):  # every MBPP+ row, plain or gzipped file
+        code = str(task["prompt"]) + str(task["canonical_solution"])
+        rng = random.Random(f"{seed}:{task['task_id']}")
+        prefix, suffix = split_code(code, str(task["entry_point"]), rng, hole_lines)
+        cases.append(
+            FimCase(
+                task_id=str(task["task_id"]),
+                prefix=prefix,
+                suffix=suffix,
+                stops=tuple(suffix_stops(suffix)),
             )
+        )
     if not cases:
         raise SystemExit(f"no tasks in {path}")
     random.Random(seed).shuffle(cases)
@@ -844,7 +840,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default="bundled", help="'bundled', 'tiny' or a model dir")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MBPP+ jsonl")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="MBPP+ jsonl (default: the bundled copy)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="raw+kaizen pairs")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=64, help="per round per server")

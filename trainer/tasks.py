@@ -10,6 +10,10 @@ docstring (suffix ``"\\n"``: the server then stops the completion at the end of 
 MBPP+ is split by task id, deterministically: tasks are ordered by the SHA-256 of their id and
 the first 60% are ``train`` (simulated traffic), the next 20% ``dev`` (the gate), the last 20%
 ``test`` (held out for the loop benchmark). 301 tasks give 181 / 60 / 60.
+
+MBPP+ ships with the product (``trainer/data/mbppplus.jsonl.gz``, see ``trainer/data/NOTICE``),
+so the gate, the benchmarks and the tests find it on a fresh clone; ``KAIZEN_MBPP_PATH`` (the
+server's setting, the benchmarks' environment) only overrides it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "MBPP_SPLITS",
@@ -30,6 +34,9 @@ __all__ = [
     "load_humaneval",
     "load_humaneval_single_line",
     "load_mbpp",
+    "mbpp_path",
+    "problem_id",
+    "read_mbpp_rows",
 ]
 
 Split = Literal["train", "dev", "test"]
@@ -87,10 +94,54 @@ def _mbpp_test(row: dict[str, object]) -> str:
     return test
 
 
-def load_mbpp(path: str | Path, split: Split | None = None) -> list[Task]:
+def mbpp_path(override: str | Path | None = None) -> Path:
+    """The MBPP+ file: ``override`` (e.g. ``KAIZEN_MBPP_PATH``) when given, else the copy that
+    ships as package data. A missing override is an error, not a silent fallback: whoever set
+    it meant that file."""
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no MBPP+ file at {path}; fix KAIZEN_MBPP_PATH or unset it to use the copy "
+                "that ships with Kaizen"
+            )
+        return path
+    path = Path(str(resources.files("trainer") / "data" / "mbppplus.jsonl.gz"))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled MBPP+ file {path} is missing; reinstall Kaizen (pip install -e .) "
+            "or set KAIZEN_MBPP_PATH to an mbppplus.jsonl"
+        )
+    return path
+
+
+def _read_lines(path: Path) -> list[str]:
+    # The bundled copy is gzipped; a user's override may be either.
+    with path.open("rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read().splitlines()
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def read_mbpp_rows(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The raw MBPP+ rows of ``path`` (plain or gzipped JSONL; None: the bundled copy)."""
+    return [json.loads(line) for line in _read_lines(mbpp_path(path)) if line.strip()]
+
+
+def problem_id(task_id: str) -> str:
+    """The problem a task is a variant of: HumanEval's single-line infill ``HumanEval/7/line``
+    is problem ``HumanEval/7``. Variants of one problem pass or fail together far more often
+    than two problems do, so the gate counts each problem once (one cluster), not each row."""
+    return task_id.removesuffix("/line")
+
+
+def load_mbpp(path: str | Path | None = None, split: Split | None = None) -> list[Task]:
     """MBPP+ tasks of ``split`` (all of them for None), in task-id hash order, with the base
-    asserts (``assertion``) as the test. Tasks whose signature cannot be cut out are skipped."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    asserts (``assertion``) as the test. Tasks whose signature cannot be cut out are skipped.
+    ``path``: a JSONL file, plain or gzipped; None: the bundled copy (:func:`mbpp_path`)."""
+    rows = read_mbpp_rows(path)
     rows.sort(key=lambda r: _rank(str(r["task_id"])))
     if split is not None:
         if split not in MBPP_SPLITS:

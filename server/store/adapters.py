@@ -6,11 +6,15 @@ States and the moves between them (``ALLOWED``)::
 
 A rollback returns a retired version to ``active``; a canary that is rolled back is retired.
 Every change writes an :class:`AdapterTransition` row saying who or what made it and why.
+A move of several adapters (promote the canary, retire the old active one, update the rollout
+state) runs in :func:`atomic`: one transaction, so a crash between its steps leaves the registry
+as it was before the move, never half-moved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select, update
@@ -28,6 +32,36 @@ ALLOWED: dict[str, frozenset[str]] = {
     "retired": frozenset({"active"}),
     "rejected": frozenset(),
 }
+
+
+_ATOMIC = "kaizen_atomic"
+
+
+@contextmanager
+def atomic(session: Session) -> Iterator[Session]:
+    """Run several registry writes as one transaction: inside, :func:`transition` and
+    :func:`commit` only flush; the block's end commits all of them, an exception (or the
+    process dying) keeps none. Nested blocks join the outermost one."""
+    if session.info.get(_ATOMIC):
+        yield session
+        return
+    session.info[_ATOMIC] = True
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.info.pop(_ATOMIC, None)
+
+
+def commit(session: Session) -> None:
+    """Commit, unless inside :func:`atomic` (then flush: the block commits)."""
+    if session.info.get(_ATOMIC):
+        session.flush()
+    else:
+        session.commit()
 
 
 class TransitionError(ValueError):
@@ -81,7 +115,8 @@ def register_adapter(
 def transition(
     *, session: Session, adapter: Adapter, to_state: str, actor: str, reason: str = ""
 ) -> Adapter:
-    """Move ``adapter`` to ``to_state`` (committed), or raise :class:`TransitionError`."""
+    """Move ``adapter`` to ``to_state`` (committed, or flushed inside :func:`atomic`), or
+    raise :class:`TransitionError` (which, inside :func:`atomic`, undoes the whole block)."""
     if to_state not in STATES:
         raise TransitionError(f"unknown state {to_state!r}; states: {', '.join(STATES)}")
     if to_state not in ALLOWED[adapter.state]:
@@ -112,7 +147,7 @@ def transition(
             reason=reason,
         )
     )
-    session.commit()
+    commit(session)
     session.refresh(adapter)
     return adapter
 

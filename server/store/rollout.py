@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from server.store import adapters as registry
 from server.store.db import dialect_insert
 from server.store.models import RolloutState, utcnow
 
@@ -37,14 +38,14 @@ def get_rollout_state(*, session: Session) -> RolloutState:
             )
             .on_conflict_do_nothing()
         )
-        session.commit()
+        registry.commit(session)
         state = session.get(RolloutState, _ID)
         assert state is not None
     return state
 
 
 def set_rollout_state(*, session: Session, actor: str, **fields: Any) -> RolloutState:
-    """Change some of :data:`FIELDS` (committed)."""
+    """Change some of :data:`FIELDS` (committed, or flushed inside ``registry.atomic``)."""
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown rollout fields {sorted(unknown)}; known: {', '.join(FIELDS)}")
@@ -55,5 +56,5 @@ def set_rollout_state(*, session: Session, actor: str, **fields: Any) -> Rollout
         setattr(state, name, value)
     state.updated_at = utcnow()
     state.updated_by = actor
-    session.commit()
+    registry.commit(session)  # flushed only inside registry.atomic(): part of that move
     return state

@@ -212,10 +212,13 @@ def _traffic(
     accepted: int,
     passed: int,
     start: int = 0,
+    fixed: int = 0,
+    created_at: datetime | None = None,
 ) -> None:
     """Completions ``start``.. ``start+n-1`` by ``adapter``, all shown; those numbered below
-    ``accepted`` are accepted and those below ``passed`` pass CI (the rest fail)."""
-    now = datetime.now(UTC)
+    ``accepted`` are accepted and those below ``passed`` pass CI (the rest fail); of the passed
+    ones, those below ``fixed`` pass with a final text the developer changed."""
+    now = created_at or datetime.now(UTC)
     with factory() as session:
         for i in range(start, start + n):
             cid = f"cmpl-{adapter}-{i}"
@@ -271,7 +274,7 @@ def _traffic(
                         "completion_id": cid,
                         "choice_index": 0,
                         "file_path": "f",
-                        "final_text": "t",
+                        "final_text": "t  # fixed by hand" if i < fixed else "t",
                         "status": status,
                         "tests": [],
                     }
@@ -282,10 +285,13 @@ def _traffic(
 
 
 @pytest.mark.parametrize(
-    ("canary_passed", "expected"),
-    [(9, ["retired active", "canary is active"]), (4, ["retired canary canary"])],
+    ("canary_passed", "expected", "verdict"),
+    [
+        (57, ["retired active", "canary is active"], "promote"),
+        (24, ["retired canary canary"], "rollback"),
+    ],
 )
-def test_the_canary_is_judged_on_acceptance_and_ci_pass_rates(
+def test_the_canary_is_judged_by_its_sequential_test(
     settings: Settings,
     fake_engine: FakeEngine,
     auth: dict[str, dict[str, str]],
@@ -293,26 +299,71 @@ def test_the_canary_is_judged_on_acceptance_and_ci_pass_rates(
     tmp_path: Path,
     canary_passed: int,
     expected: list[str],
+    verdict: str,
 ) -> None:
-    settings = settings.model_copy(update={"rollout_min_samples": 10})
+    # The app's own poll (every 2 s by default) would race the test's calls: poll hourly.
+    settings = settings.model_copy(
+        update={"rollout_min_samples": 10, "canary_min_hours": 0.0, "rollout_poll_seconds": 3600}
+    )
     with TestClient(create_app(settings, engine=fake_engine)) as client:
         approved_adapter(session_factory, tmp_path, "active")
         approved_adapter(session_factory, tmp_path, "canary")
         promote(client, auth, "active", "active")
         promote(client, auth, "canary", "canary")
         rollout = client.app.state.rollout  # type: ignore[attr-defined]
-        _traffic(session_factory, "active", 10, accepted=8, passed=8)  # 0.8 and 0.8
-        _traffic(session_factory, "canary", 9, accepted=9, passed=canary_passed)
+        _traffic(session_factory, "active", 200, accepted=160, passed=160)  # 0.8 and 0.8
+        _traffic(session_factory, "canary", 9, accepted=9, passed=9)
         assert rollout.judge_canary() == []  # 9 < 10 samples on the canary's side
-        _traffic(session_factory, "canary", 1, accepted=0, passed=0, start=9)
+        _traffic(session_factory, "canary", 51, accepted=57, passed=canary_passed, start=9)
         client.put("/v1/rollout", headers=auth["ops"], json={"auto_rollout": False})
         assert rollout.judge_canary() == []  # paused
         client.put("/v1/rollout", headers=auth["ops"], json={"auto_rollout": True})
         assert rollout.judge_canary() == expected
         assert rollout.judge_canary() == []  # decided once
         detail = client.get("/v1/adapters/canary", headers=auth["ops"]).json()
-        assert detail["history"][-1]["actor"] == "canary"
-        assert "ci_pass 0." in detail["history"][-1]["reason"]
+        last = detail["history"][-1]
+        assert last["actor"] == "canary"
+        assert "ci_pass" in last["reason"] and "llr" in last["reason"]
+    with session_factory() as session:
+        adapter = registry.get_adapter(session=session, name="canary")
+        assert adapter is not None and adapter.evaluation is not None
+        evidence = adapter.evaluation["canary"]
+    # The evidence is stored with the move (one transaction), beside the gate's verdict.
+    assert evidence["decision"] == verdict and evidence["against"] == "active"
+    assert evidence["counts"]["canary"]["shown"] == 60
+    assert evidence["counts"]["canary"]["passed"] == canary_passed
+    assert evidence["counts"]["active"]["judged"] == 200
+    assert evidence["evidence"]["ci_pass"]["verdict"] == (
+        "no worse" if verdict == "promote" else "worse"
+    )
+
+
+def test_developer_fixes_and_completions_before_the_canary_do_not_count(
+    session_factory: sessionmaker[Session],
+) -> None:
+    from datetime import timedelta
+
+    from server.store.canary import canary_counts
+
+    started = datetime.now(UTC)
+    # Served the day before the canary started: not the canary's evidence.
+    before = started - timedelta(days=1)
+    _traffic(session_factory, "v2", 5, accepted=105, passed=105, start=100, created_at=before)
+    # 0..9: accepted 0..3, passed 0..7 of which 0..2 only after the developer's fix.
+    _traffic(session_factory, "v2", 10, accepted=4, passed=8, fixed=3)
+    _traffic(session_factory, "v1", 10, accepted=2, passed=2)
+    with session_factory() as session:
+        counts = canary_counts(
+            session=session,
+            adapters=["v2", "v1", None],
+            since=started,
+            until=datetime.now(UTC) + timedelta(seconds=1),
+        )
+    v2 = counts["v2"]
+    assert (v2.shown, v2.accepted, v2.judged, v2.passed, v2.developer_fixes) == (10, 4, 7, 5, 3)
+    v1 = counts["v1"]
+    assert (v1.shown, v1.accepted, v1.judged, v1.passed, v1.developer_fixes) == (10, 2, 10, 2, 0)
+    assert counts[None].shown == 0
 
 
 def test_a_version_that_left_routing_is_unloaded_once_idle(

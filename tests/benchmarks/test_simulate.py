@@ -28,9 +28,6 @@ from trainer.sandbox import Sandbox, SandboxLimits
 from trainer.tasks import Task, load_mbpp
 
 DATA = default_data_path()
-pytestmark = pytest.mark.skipif(
-    not DATA.is_file(), reason=f"no MBPP+ data at {DATA} (set KAIZEN_MBPP_PATH)"
-)
 
 WRONG = "    raise RuntimeError('a wrong answer')"
 BROKEN = "    return ("  # does not compile

@@ -81,3 +81,121 @@ def test_only_one_of_two_concurrent_moves_happens(
         assert adapter is not None and adapter.state == "active"
         actors = [t.actor for t in registry.history(session=session, adapter_id=adapter.id)]
         assert "replica-b" not in actors
+
+
+# -- atomic moves: a process killed between the steps of a move leaves no half-move ------------
+
+# Runs a promote or rollback in a child process that SIGKILLs itself right after the
+# ``kill_after``-th registry transition returned (0: never): the moves before it were made and,
+# without one transaction around the whole operation, committed.
+CHILD = """
+import os, signal, sys
+from server.services import rollout
+from server.store import adapters as registry
+from server.store.db import make_engine, make_session_factory
+
+url, kill_after, op, name, to = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+real, calls = registry.transition, [0]
+
+def dying(**kw):
+    out = real(**kw)
+    calls[0] += 1
+    if calls[0] == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+registry.transition = dying
+with make_session_factory(make_engine(url))() as session:
+    if op == "promote":
+        rollout.promote(session=session, name=name, to=to, actor="ops")
+    else:
+        rollout.rollback(session=session, actor="ops")
+"""
+
+
+def _snapshot(factory: sessionmaker[Session]) -> tuple[object, ...]:
+    from server.store.rollout import get_rollout_state
+
+    with factory() as session:
+        states = {a.name: a.state for a in registry.list_adapters(session=session)}
+        trail = sum(
+            len(registry.history(session=session, adapter_id=a.id))
+            for a in registry.list_adapters(session=session)
+        )
+        rollout = get_rollout_state(session=session)
+        return states, trail, list(rollout.active_history or []), rollout.canary_started_at
+
+
+def _run_child(db_url: str, kill_after: int, *args: str) -> int:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, db_url, str(kill_after), *args], cwd=root, timeout=120
+    ).returncode
+
+
+@pytest.mark.parametrize(
+    ("setup", "op", "steps"),
+    [
+        # canary v2 -> active, active v1 -> retired, rollout state (history, canary clock)
+        ("canary", ("promote", "v2", "active"), 2),
+        # new canary v3, old canary v2 -> retired, canary clock
+        ("canary+approved", ("promote", "v3", "canary"), 2),
+        # active v2 -> retired, retired v1 -> active again, history popped
+        ("promoted", ("rollback", "-", "-"), 2),
+    ],
+)
+def test_a_move_killed_between_its_steps_leaves_the_registry_as_it_was(
+    session_factory: sessionmaker[Session],
+    db_url: str,
+    tmp_path: Path,
+    setup: str,
+    op: tuple[str, str, str],
+    steps: int,
+) -> None:
+    import signal
+
+    from server.services.rollout import promote
+
+    for name in ("v1", "v2", "v3"):
+        approved_adapter(session_factory, tmp_path, name)
+    with session_factory() as session:
+        promote(session=session, name="v1", to="active", actor="t")
+        promote(session=session, name="v2", to="canary", actor="t")
+        if setup == "promoted":
+            promote(session=session, name="v2", to="active", actor="t")
+    before = _snapshot(session_factory)
+
+    for kill_after in range(1, steps + 1):
+        assert _run_child(db_url, kill_after, *op) == -signal.SIGKILL
+        assert _snapshot(session_factory) == before, f"half-moved after step {kill_after}"
+
+    # Not killed, the same move completes.
+    assert _run_child(db_url, 0, *op) == 0
+    after = _snapshot(session_factory)
+    assert after[0] != before[0] and after[1] > before[1]
+    expected = {
+        "canary": {"v1": "retired", "v2": "active", "v3": "approved"},
+        "canary+approved": {"v1": "active", "v2": "retired", "v3": "canary"},
+        "promoted": {"v1": "active", "v2": "retired", "v3": "approved"},
+    }[setup]
+    assert after[0] == expected
+
+
+def test_an_error_inside_atomic_undoes_every_move_of_the_block(
+    session_factory: sessionmaker[Session], tmp_path: Path
+) -> None:
+    approved_adapter(session_factory, tmp_path, "v1")
+    approved_adapter(session_factory, tmp_path, "v2")
+    with session_factory() as session:
+        v1 = registry.get_adapter(session=session, name="v1")
+        v2 = registry.get_adapter(session=session, name="v2")
+        assert v1 is not None and v2 is not None
+        with pytest.raises(registry.TransitionError), registry.atomic(session):
+            registry.transition(session=session, adapter=v1, to_state="active", actor="t")
+            registry.transition(session=session, adapter=v2, to_state="rejected", actor="t")
+    with session_factory() as session:
+        states = {a.name: a.state for a in registry.list_adapters(session=session)}
+    assert states == {"v1": "approved", "v2": "approved"}

