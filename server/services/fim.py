@@ -4,11 +4,26 @@ Qwen2.5-Coder (and the StarCoder family) infill with
 ``<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>``. Instruct models tend to write the
 middle and then carry on repeating the suffix, so a FIM request also stops where the output starts
 repeating the suffix's first non-blank line.
+
+Repository-level completion puts other files of the repository before the infill, in the form
+Qwen2.5-Coder was trained on::
+
+    <|repo_name|>{name}
+    <|file_sep|>{path}
+    {content}
+    <|file_sep|>{current path}
+    <|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>
+
+That text before ``<|fim_prefix|>`` is the *FIM context*: Kaizen builds it from Tabby's
+declarations and snippets, and finds it in Continue's multi-file template, which sends the whole
+prompt ready-made; :func:`split_fim_prompt` takes such a prompt apart again so that the record
+holds prefix, suffix and context separately.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 FIM_PREFIX = "<|fim_prefix|>"
@@ -25,6 +40,8 @@ FIM_END_TOKENS = (
     FIM_SUFFIX,
     FIM_MIDDLE,
 )
+REPO_NAME = "<|repo_name|>"
+FILE_SEP = "<|file_sep|>"
 BLOCK_END = "\n\n"
 # A loose marker shorter than this ("}", "end") occurs too often in code to stop on.
 MIN_LOOSE_MARKER = 4
@@ -39,8 +56,65 @@ class FimFormat:
     def tokens(self) -> tuple[str, str, str]:
         return self.prefix, self.suffix, self.middle
 
-    def build(self, prefix: str, suffix: str) -> str:
-        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+    def build(self, prefix: str, suffix: str, context: str = "") -> str:
+        """The model's prompt; ``context`` (a FIM context, see the module docstring) first."""
+        return f"{context}{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    """Another file's text that the model sees before the infill (a declaration, a snippet)."""
+
+    path: str
+    body: str
+
+
+def repo_context(name: str, files: Sequence[RepoFile], file_path: str | None) -> str:
+    """The FIM context for ``files`` of repository ``name``, the current file last (its path
+    only: its text is the prefix and suffix that follow). Empty without files, so a request
+    without repository context gets the plain file-level prompt."""
+    if not files:
+        return ""
+    parts = [f"{REPO_NAME}{name}\n"]
+    parts += [f"{FILE_SEP}{f.path}\n{f.body}\n" for f in files]
+    parts.append(f"{FILE_SEP}{file_path or 'untitled'}\n")
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class SplitPrompt:
+    """A FIM prompt a client templated itself, taken apart."""
+
+    prefix: str
+    suffix: str
+    context: str  # the text before <|fim_prefix|> (empty for a file-level prompt)
+    repo_name: str | None  # from <|repo_name|>, when the context has one
+    file_path: str | None  # the current file's path: the context's last <|file_sep|>
+
+
+def split_fim_prompt(prompt: str, fim: FimFormat | None = None) -> SplitPrompt | None:
+    """Prefix, suffix and FIM context of a prompt already in the model's FIM format (what
+    Continue sends with no ``suffix``), or ``None`` for any other prompt.
+
+    Only an exact, unambiguous form is split: each of the three markers once, in order, the
+    prompt ending with ``<|fim_middle|>``, so that ``fim.build(prefix, suffix, context)`` gives
+    the prompt back character for character and the model sees exactly what the client sent.
+    """
+    fim = fim or FimFormat()
+    if not prompt.endswith(fim.middle) or any(prompt.count(t) != 1 for t in fim.tokens()):
+        return None
+    context, _, rest = prompt.partition(fim.prefix)
+    prefix, _, rest = rest.partition(fim.suffix)
+    suffix = rest[: -len(fim.middle)]
+    if fim.middle in prefix or fim.build(prefix, suffix, context) != prompt:
+        return None
+    repo_name = None
+    if context.startswith(REPO_NAME):
+        repo_name = context[len(REPO_NAME) :].split("\n", 1)[0].split(FILE_SEP, 1)[0].strip()
+    file_path = None
+    if FILE_SEP in context:
+        file_path = context.rsplit(FILE_SEP, 1)[1].strip() or None
+    return SplitPrompt(prefix, suffix, context, repo_name or None, file_path)
 
 
 def suffix_stops(suffix: str) -> list[str]:

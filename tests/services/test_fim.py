@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from server.services.fim import FimFormat, suffix_stops
+from server.services.fim import (
+    FimFormat,
+    RepoFile,
+    SplitPrompt,
+    repo_context,
+    split_fim_prompt,
+    suffix_stops,
+)
 
 
 def test_prompt_format() -> None:
@@ -42,3 +49,47 @@ def test_head_stop_catches_a_model_writing_new_code_instead_of_the_suffix() -> N
     stops = suffix_stops("\n\n\nprint(add(1, 2))\n")
     cut = min((generated.find(s) for s in stops if s in generated), default=len(generated))
     assert generated[:cut] == "a + b\n"
+
+
+# ---------------------------------------------------------------- repository-level prompts
+
+CONTINUE_MULTIFILE = (
+    "<|repo_name|>app\n<|file_sep|>src/ops.py\ndef sub(a, b):\n    return a - b\n"
+    "<|file_sep|>src/calc.py\n<|fim_prefix|>def add(a, b):\n    return <|fim_suffix|>\n"
+    "<|fim_middle|>"
+)
+
+
+def test_repo_context_is_qwens_repository_level_format() -> None:
+    files = [RepoFile("src/ops.py", "def sub(a, b):\n    return a - b")]
+    context = repo_context("app", files, "src/calc.py")
+    # Byte for byte what Continue's qwenMultifileFimTemplate sends for the same files.
+    assert FimFormat().build("def add(a, b):\n    return ", "\n", context) == CONTINUE_MULTIFILE
+    assert repo_context("app", [], "src/calc.py") == ""  # no other file: file-level FIM
+
+
+def test_continues_multifile_prompt_is_split_losslessly() -> None:
+    split = split_fim_prompt(CONTINUE_MULTIFILE)
+    assert split is not None
+    assert (split.prefix, split.suffix) == ("def add(a, b):\n    return ", "\n")
+    assert split.repo_name == "app" and split.file_path == "src/calc.py"
+    assert FimFormat().build(split.prefix, split.suffix, split.context) == CONTINUE_MULTIFILE
+
+
+def test_file_level_prompt_is_split_without_context() -> None:
+    split = split_fim_prompt("<|fim_prefix|>a(<|fim_suffix|>)\n<|fim_middle|>")
+    assert split == SplitPrompt("a(", ")\n", "", None, None)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "def f(): pass",
+        "<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>c",  # text after the middle
+        "<|fim_suffix|>b<|fim_prefix|>a<|fim_middle|>",  # out of order (SPM)
+        "<|fim_prefix|>a<|fim_prefix|>x<|fim_suffix|>b<|fim_middle|>",  # a marker twice
+        "<fim_prefix>a<fim_suffix>b<fim_middle>",  # StarCoder's markers: not this model's
+    ],
+)
+def test_other_prompts_are_not_split(prompt: str) -> None:
+    assert split_fim_prompt(prompt) is None
