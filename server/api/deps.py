@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.config import Settings
 from server.errors import ApiError
@@ -36,9 +37,21 @@ def _authenticator(request: Request) -> TokenAuthenticator:
     return request.app.state.authenticator
 
 
-async def get_principal(request: Request) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
+# Declares the bearer scheme in the OpenAPI spec for every route that needs a token. It never
+# refuses by itself (auto_error=False): the refusal, with our error shape, is authenticate's.
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    description="A Kaizen token (`kaizen tokens create --role ide|ci|ops`).",
+)
+
+# Where the request guard (server/api/guard.py) leaves the principal it authenticated.
+PRINCIPAL_STATE_KEY = "kaizen_principal"
+
+
+async def authenticate(authorization: str | None, authenticator: TokenAuthenticator) -> Principal:
+    """The principal behind an ``Authorization`` header, or a 401 :class:`ApiError`."""
+    scheme, _, secret = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise ApiError(
             401,
@@ -47,7 +60,7 @@ async def get_principal(request: Request) -> Principal:
             code="missing_token",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = await _authenticator(request).authenticate(secret.strip())
+    principal = await authenticator.authenticate(secret.strip())
     if principal is None:
         raise ApiError(
             401,
@@ -56,6 +69,18 @@ async def get_principal(request: Request) -> Principal:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return principal
+
+
+async def get_principal(
+    request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    # The guard authenticates /v1/* before the body is read, so that a client without a valid
+    # token learns nothing about its body; routes outside /v1 authenticate here.
+    principal = getattr(request.state, PRINCIPAL_STATE_KEY, None)
+    if isinstance(principal, Principal):
+        return principal
+    return await authenticate(request.headers.get("authorization"), _authenticator(request))
 
 
 def require_roles(*roles: Role):  # type: ignore[no-untyped-def]
@@ -72,6 +97,7 @@ def require_roles(*roles: Role):  # type: ignore[no-untyped-def]
             )
         return principal
 
+    check.roles = frozenset(roles)  # type: ignore[attr-defined]  # read by server/api/openapi.py
     return check
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,6 +33,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI allows 4; Continue's default autocomplete sends 12 (its FIM template's end tokens plus
+# its own), so Kaizen takes more. vLLM checks each stop string as text is generated: cheap.
+MAX_STOP = 16
+
+
 class SamplingRequest(BaseModel):
     # Clients such as the openai library send fields we do not use (user, ...): ignore them.
     model_config = ConfigDict(extra="ignore")
@@ -41,12 +46,14 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)  # the spec's maximum is KAIZEN_MAX_N (server/api/openapi.py)
+    stop: str | Annotated[list[str], Field(json_schema_extra={"maxItems": MAX_STOP})] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    logprobs: Any = None
+    # vLLM seeds a torch generator, which takes an unsigned or a signed 64-bit integer.
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    # Refused unless off; the schema says so while the service's message explains it.
+    logprobs: Any = Field(None, json_schema_extra={"enum": [None, False, 0]})
     context: IdeContext | None = None
 
     @field_validator("stop")
@@ -54,8 +61,8 @@ class SamplingRequest(BaseModel):
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
         if isinstance(value, str):
             value = [value]
-        if value is not None and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if value is not None and len(value) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
         return value
 
     def stop_list(self) -> list[str]:
@@ -65,11 +72,19 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``. With ``suffix``, the prompt is the text before the cursor."""
 
-    prompt: str | list[str]
+    # OpenAI's list form is accepted with exactly one prompt.
+    prompt: str | Annotated[list[str], Field(json_schema_extra={"minItems": 1, "maxItems": 1})]
     suffix: str | None = None
-    echo: bool = False
-    best_of: int | None = None
+    # Not supported: the schema admits only the values that mean "off".
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})
+    best_of: int | None = Field(None, json_schema_extra={"minimum": 1, "maximum": 1})
     single_line: bool = Field(False, description="Kaizen: stop at the end of the line.")
+    clamp_max_tokens: bool = Field(
+        False,
+        description="Kaizen: lower a max_tokens that does not fit (over the server's limit, or "
+        "past the context) to what fits, instead of a 400. KAIZEN_CLAMP_MAX_TOKENS turns it on "
+        "for every request.",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -87,7 +102,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_completion_tokens: int | None = Field(None, ge=1)
 
 

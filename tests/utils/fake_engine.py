@@ -8,6 +8,7 @@ character by character, and honours stop strings, stop tokens and max_tokens the
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -25,6 +26,10 @@ SPECIALS = [
     "<|file_sep|>",
     "<|repo_name|>",
 ]
+
+# Special tokens' ids start above the last Unicode code point, so that no character's id (its
+# code point) is taken for one: prompts may hold any text.
+SPECIAL_BASE = 0x110000
 
 
 def default_reply(prompt: str, adapter: str | None, index: int) -> str:
@@ -58,6 +63,15 @@ class FakeEngine:
         self.started = False
         self.aborted: list[str] = []
         self.requests: list[tuple[str, str | None, GenerationParams]] = []
+        # Lengths of the texts tokenised, to see that a prompt was refused before tokenising.
+        self.tokenized: list[int] = []
+        # Tests that need a request to stay in tokenize() or in generate() set these: the fake
+        # blocks (tokenize: its thread; generate: cooperatively) until the event is set, and
+        # signals with tokenizing/generating that a request got there.
+        self.hold_tokenize: threading.Event | None = None
+        self.hold_generate: threading.Event | None = None
+        self.tokenizing = threading.Event()
+        self.generating = threading.Event()
 
     async def start(self) -> None:
         self.started = True
@@ -66,12 +80,16 @@ class FakeEngine:
         return self._ready
 
     def tokenize(self, text: str) -> list[int]:
+        self.tokenized.append(len(text))
+        if self.hold_tokenize is not None:
+            self.tokenizing.set()
+            self.hold_tokenize.wait(timeout=30)
         ids: list[int] = []
         i = 0
         while i < len(text):
             special = next((s for s in SPECIALS if text.startswith(s, i)), None)
             if special:
-                ids.append(1000 + SPECIALS.index(special))
+                ids.append(SPECIAL_BASE + SPECIALS.index(special))
                 i += len(special)
             else:
                 ids.append(ord(text[i]))
@@ -79,14 +97,14 @@ class FakeEngine:
         return ids
 
     def detokenize(self, ids: list[int]) -> str:
-        return "".join(SPECIALS[i - 1000] if i >= 1000 else chr(i) for i in ids)
+        return "".join(SPECIALS[i - SPECIAL_BASE] if i >= SPECIAL_BASE else chr(i) for i in ids)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return turns + "<|im_start|>assistant\n"
 
     def special_token_id(self, token: str) -> int | None:
-        return 1000 + SPECIALS.index(token) if token in SPECIALS else None
+        return SPECIAL_BASE + SPECIALS.index(token) if token in SPECIALS else None
 
     def adapters(self) -> list[AdapterInfo]:
         return [AdapterInfo(name=n, path=p) for n, p in self._adapters.items()]
@@ -117,6 +135,13 @@ class FakeEngine:
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded")
         prompt = self.detokenize(prompt_token_ids)
         self.requests.append((prompt, adapter, params))
+        self.generating.set()
+        if self.hold_generate is not None:
+            # Bounded like hold_tokenize, so that a test whose release never comes fails.
+            for _ in range(6000):
+                if self.hold_generate.is_set():
+                    break
+                await asyncio.sleep(0.005)
         texts = [self._finish(self.reply(prompt, adapter, i), params) for i in range(params.n)]
         produced = 0
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.api.deps import OpsRole, RolloutDep
+from server.api.openapi import errors
 from server.api.rollout_protocol import (
     AdapterDetailOut,
     AdapterList,
@@ -15,6 +16,7 @@ from server.api.rollout_protocol import (
     RolloutOut,
     RolloutUpdate,
 )
+from server.errors import ApiError
 from server.store.tokens import Principal
 
 router = APIRouter(prefix="/v1", tags=["rollout"])
@@ -29,19 +31,29 @@ async def list_adapters(rollout: RolloutDep, _: OpsRole) -> AdapterList:
     return await rollout.list_adapters()
 
 
-@router.get("/adapters/{name}", response_model=AdapterDetailOut)
+_UNKNOWN = {404: "No adapter version has this name."}
+_CONFLICT = {409: "The registry's state does not allow this change (the message says why)."}
+
+
+@router.get("/adapters/{name}", response_model=AdapterDetailOut, responses=errors(_UNKNOWN))
 async def get_adapter(name: str, rollout: RolloutDep, _: OpsRole) -> AdapterDetailOut:
     return await rollout.adapter_detail(name)
 
 
-@router.post("/adapters/{name}/promote", response_model=RolloutChange)
+@router.post(
+    "/adapters/{name}/promote",
+    response_model=RolloutChange,
+    responses=errors(
+        {**_UNKNOWN, **_CONFLICT, 422: "The engine refused to load the adapter (the reason)."}
+    ),
+)
 async def promote_adapter(
     name: str, body: PromoteRequest, rollout: RolloutDep, principal: OpsRole
 ) -> RolloutChange:
     return await rollout.promote(name, body.to, actor=_actor(principal), reason=body.reason)
 
 
-@router.post("/rollout/rollback", response_model=RolloutChange)
+@router.post("/rollout/rollback", response_model=RolloutChange, responses=errors(_CONFLICT))
 async def rollback(body: RollbackRequest, rollout: RolloutDep, principal: OpsRole) -> RolloutChange:
     return await rollout.rollback(actor=_actor(principal), reason=body.reason)
 
@@ -51,8 +63,27 @@ async def get_rollout(rollout: RolloutDep, _: OpsRole) -> RolloutOut:
     return await rollout.state()
 
 
-@router.put("/rollout", response_model=RolloutChange)
+@router.put(
+    "/rollout",
+    response_model=RolloutChange,
+    responses=errors(
+        {
+            404: "`pinned` names no adapter version.",
+            **_CONFLICT,
+            422: "The engine refused to load the adapter to pin (the reason).",
+        }
+    ),
+)
 async def update_rollout(
     body: RolloutUpdate, rollout: RolloutDep, principal: OpsRole
 ) -> RolloutChange:
+    # Only `pinned: null` means something (unpin); a null elsewhere would reach a NOT NULL
+    # column as a 500.
+    for field in sorted(body.model_fields_set - {"pinned"}):
+        if getattr(body, field) is None:
+            raise ApiError(
+                400,
+                f"'{field}' cannot be null; leave it out to keep its current value.",
+                param=field,
+            )
     return await rollout.update(body, actor=_actor(principal))

@@ -7,14 +7,26 @@ from fastapi.responses import StreamingResponse
 
 from server.api.cancel import cancel_on_disconnect
 from server.api.deps import IdeRole, ServiceDep
+from server.api.openapi import errors, streamed
 from server.api.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
 )
 
-router = APIRouter(prefix="/v1", tags=["completions"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["completions"],
+    responses=errors(
+        {
+            404: "`model` names neither the base model nor a loaded adapter.",
+            503: "The model is still loading, or the database is unavailable.",
+        }
+    ),
+)
+_STREAMED = "The completion; with `stream: true`, server-sent events ending in `data: [DONE]`."
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Which adapter version served the request ("base": none), for ops and benchmarks.
@@ -25,7 +37,11 @@ def _served_by(adapter: str | None) -> dict[str, str]:
     return {ADAPTER_HEADER: adapter or "base"}
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post(
+    "/completions",
+    response_model=CompletionResponse,
+    responses=streamed(CompletionResponse, _STREAMED),
+)
 async def create_completion(
     body: CompletionRequest,
     request: Request,
@@ -33,7 +49,7 @@ async def create_completion(
     service: ServiceDep,
     principal: IdeRole,
 ) -> CompletionResponse | StreamingResponse:
-    job = service.prepare_completion(body, principal)
+    job = await service.prepare_completion(body, principal)
     if body.stream:
         return StreamingResponse(
             service.stream_completion(job),
@@ -44,7 +60,11 @@ async def create_completion(
     return await cancel_on_disconnect(request, service.complete(job))
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=streamed(ChatCompletionChunk, _STREAMED),
+)
 async def create_chat_completion(
     body: ChatCompletionRequest,
     request: Request,
@@ -52,7 +72,7 @@ async def create_chat_completion(
     service: ServiceDep,
     principal: IdeRole,
 ) -> ChatCompletionResponse | StreamingResponse:
-    job = service.prepare_chat(body, principal)
+    job = await service.prepare_chat(body, principal)
     if body.stream:
         return StreamingResponse(
             service.stream_chat(job),

@@ -7,11 +7,16 @@ from pydantic import AwareDatetime
 
 from server.api.deps import FeedbackDep, OpsRole
 from server.api.feedback_protocol import CompletionDetailOut, StatsResponse
+from server.api.openapi import errors
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 
 
-@router.get("/completions/{completion_id}", response_model=CompletionDetailOut)
+@router.get(
+    "/completions/{completion_id}",
+    response_model=CompletionDetailOut,
+    responses=errors({404: "No completion has this id."}),
+)
 async def get_completion(
     completion_id: str, service: FeedbackDep, _: OpsRole
 ) -> CompletionDetailOut:
