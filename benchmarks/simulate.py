@@ -51,9 +51,9 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO_ROOT, write_results
+from benchmarks.common import write_results
 from trainer.sandbox import RunResult, Sandbox, SandboxLimits
-from trainer.tasks import MBPP_SPLITS, Task, load_mbpp
+from trainer.tasks import MBPP_SPLITS, Task, load_mbpp, mbpp_path, read_mbpp_rows
 
 __all__ = [
     "CompletionRow",
@@ -67,7 +67,8 @@ __all__ = [
 
 log = logging.getLogger("benchmarks.simulate")
 
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "mbppplus.jsonl"
+# MBPP+ ships with the product (trainer/data/); KAIZEN_MBPP_PATH only overrides it.
+DEFAULT_DATA = mbpp_path()
 DEFAULT_URL = "http://127.0.0.1:8000"
 READY_TIMEOUT_S = 900.0  # how long to wait for an engine that is still loading
 TRANSIENT_ATTEMPTS = 5  # tries for connection errors and 502/504 answers
@@ -152,8 +153,7 @@ class _Config:
 
 
 def default_data_path() -> Path:
-    """The MBPP+ file: ``KAIZEN_MBPP_PATH``, else ``/work/shared/data/mbppplus.jsonl`` beside
-    the checkout."""
+    """The MBPP+ file: ``KAIZEN_MBPP_PATH``, else the copy bundled in ``trainer/data/``."""
     return Path(os.environ.get("KAIZEN_MBPP_PATH") or DEFAULT_DATA)
 
 
@@ -177,10 +177,7 @@ def canonical_fixes(path: str | Path) -> dict[str, str]:
     point's ``def`` line, re-indented to four spaces (the text between a task's prompt and
     suffix, as :func:`trainer.tasks.load_mbpp` cuts them). Not yet checked to pass."""
     fixes: dict[str, str] = {}
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_mbpp_rows(path):
         lines = str(row["canonical_solution"]).strip("\n").split("\n")
         pattern = re.compile(rf"^def\s+{re.escape(str(row['entry_point']))}\s*\(")
         index = next((i for i, text in enumerate(lines) if pattern.match(text)), None)
@@ -361,9 +358,10 @@ class _Run:
         log.warning("event=simulate_error %s", message)
         self.errors.append(message)
 
-    async def run_programs(self, programs: Sequence[str]) -> list[RunResult]:
+    async def run_programs(self, programs: Sequence[tuple[str, str]]) -> list[RunResult]:
+        """Judge (code, test) pairs: the sandbox puts the test after the code and seals it."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.lane, self.sandbox.run_many, list(programs))
+        return await loop.run_in_executor(self.lane, self.sandbox.run_tests, list(programs))
 
     async def task(self, task: Task) -> None:
         async with self.in_flight:
@@ -410,7 +408,7 @@ class _Run:
         started = _now()
         programs = [task.program(text) for _, text in accepted]
         compiles = [_compiles(p) for p in programs]
-        to_run = [p + "\n\n" + task.test for p, ok in zip(programs, compiles, strict=True) if ok]
+        to_run = [(p, task.test) for p, ok in zip(programs, compiles, strict=True) if ok]
         ran = iter(await self.run_programs(to_run) if to_run else [])
         for (row, text), ok in zip(accepted, compiles, strict=True):
             result = next(ran) if ok else None
@@ -526,7 +524,7 @@ class _Run:
         """The developer edits failing completions into the canonical body and CI passes."""
         fix = self.fixes[task.task_id]
         started = _now()
-        (check,) = await self.run_programs([task.program(fix) + "\n\n" + task.test])
+        (check,) = await self.run_programs([(task.program(fix), task.test)])
         if not check.passed:
             log.info("event=fix_skipped task=%s reason=%r", task.task_id, check.reason)
             return

@@ -1,8 +1,9 @@
 """Execution benchmarks: greedy pass@1 of the base model or an adapter on a fixed task list, and
 the paired comparison (exact McNemar test) that the evaluation gate decides on.
 
-Every completion runs in the :class:`~trainer.sandbox.Sandbox` as ``task.program(completion)``
-followed by ``task.test``; a program passes when it exits 0.
+Every completion is judged in the :class:`~trainer.sandbox.Sandbox` (``run_tests``):
+``task.program(completion)`` followed by ``task.test``; it passes only when the test ran to its
+end (a program that exits early or tampers with the test is ``flagged``, never passed).
 """
 
 from __future__ import annotations
@@ -107,11 +108,10 @@ class EvalResult:
         )
 
 
-def _program(task: Task, completion: str) -> str:
-    program = task.program(completion)
-    if not program.endswith("\n"):
-        program += "\n"
-    return program + task.test
+def _program(task: Task, completion: str) -> tuple[str, str]:
+    """The (code, test) the sandbox judges: it puts the test after the code itself and counts
+    a pass only if the test ran to its end (``Sandbox.run_test``)."""
+    return task.program(completion), task.test
 
 
 def evaluate(
@@ -138,7 +138,7 @@ def evaluate(
         progress=progress,
     )
     completions = [texts[0] for texts in outputs]
-    runs = sandbox.run_many(
+    runs = sandbox.run_tests(
         [_program(t, c) for t, c in zip(tasks, completions, strict=True)], progress=progress
     )
     result = EvalResult(

@@ -16,18 +16,33 @@ Each run gets:
   from a small pool and leased with a file lock, so runs never share a uid): it makes
   ``RLIMIT_NPROC`` bite (fork bombs), keeps the program out of everything it does not own,
   and lets the supervisor kill every process of the run, wherever it went;
-* where the kernel allows it (root, or an unprivileged user namespace): private network, mount
-  and PID namespaces. The network namespace has only its own loopback, so nothing on the
-  machine or beyond is reachable; the PID namespace dies with its first process, taking
-  every process of the run with it. Whether this works is probed once per ``Sandbox``; if not,
-  a WARNING is logged ("sandbox: no network isolation on this machine: ...") and
-  ``network_isolated`` is False.
+* where the kernel allows it (root, or an unprivileged user namespace): private network, mount,
+  PID and IPC namespaces. The network namespace has only its own loopback, so nothing on the
+  machine or beyond is reachable, abstract-namespace Unix sockets included; the PID namespace
+  dies with its first process, taking every process of the run with it. The mount namespace
+  gets a filesystem view of its own (``filesystem_isolated``): a fresh root with only what a
+  Python program needs, read-only, the run's directory, private ``/tmp``, ``/run`` and
+  ``/dev/shm``, so no Unix socket of the host (PostgreSQL's), no lock directory and no Kaizen
+  file is there (see :mod:`trainer.sandbox_supervisor`). Whether this works is probed once per
+  ``Sandbox``; if not, a WARNING is logged ("sandbox: no network isolation on this machine:
+  ...") and ``network_isolated``/``filesystem_isolated`` are False: then only file modes keep
+  the program out (Kaizen's database is created 0600 in a 0700 directory).
 
-The program runs under a small supervisor (``python -I -S -c``, see ``_SUPERVISOR``) that sets
-up the namespaces, forks the program with its limits and reports its exit status and resource
-usage over a pipe; the caller's side reads the output with caps, enforces the wall clock, and
-asks the supervisor to kill everything (SIGTERM to it) on a timeout or an oversized output.
-No ``preexec_fn`` is used, so runs may start from many threads at once (``run_many``).
+A test is judged with :meth:`Sandbox.run_test` (``check_program``, ``run_tests``): the sandbox,
+not the caller, puts the test after the program, and a run passes only if the test ran to its
+end. :mod:`trainer.sandbox_scan` flags (and never runs) programs whose code shows a way to end
+or subvert the run early (``os._exit``, ``sys.exit``, ``atexit``, ``raise SystemExit``, touching
+``builtins``, frame walking...); the rest run under :mod:`trainer.sandbox_harness`, which
+writes a per-run random token, delivered through a pipe the program never sees, to a seal pipe
+only after the test returned, and refuses (and flags) what could forge that. The status is
+``passed`` only with exit status 0 and exactly that token; ``flagged`` (with the reason) for a
+trick, ``failed`` for an honest failure.
+
+The program runs under a small supervisor (``python -I -S trainer/sandbox_supervisor.py``) that
+sets up the namespaces, forks the program with its limits and reports its exit status and
+resource usage over a pipe; the caller's side reads the output with caps, enforces the wall
+clock, and asks the supervisor to kill everything (SIGTERM to it) on a timeout or an oversized
+output. No ``preexec_fn`` is used, so runs may start from many threads at once (``run_many``).
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import selectors
 import shutil
 import signal
@@ -50,19 +66,46 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import Literal, TypeVar
 
 from tqdm import tqdm
+
+from trainer.sandbox_scan import scan
 
 __all__ = ["RunResult", "Sandbox", "SandboxLimits", "Status", "check_program"]
 
 log = logging.getLogger(__name__)
 
-Status = Literal["passed", "failed", "timeout", "memory", "output_limit", "killed", "error"]
+# "flagged": the program tried to end or subvert the run around its test (the reason says how).
+Status = Literal[
+    "passed", "failed", "flagged", "timeout", "memory", "output_limit", "killed", "error"
+]
+_T = TypeVar("_T")
+
+_SUPERVISOR = Path(__file__).with_name("sandbox_supervisor.py")
+_HARNESS = Path(__file__).with_name("sandbox_harness.py")
+_HARNESS_SOURCE = _HARNESS.read_text(encoding="utf-8")
+# The read-only part of the filesystem view besides the interpreter's own directories: the
+# system's programs and libraries, and the few files of /etc a Python program reads.
+_VIEW_SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_VIEW_ETC = (
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hosts",
+    "/etc/mime.types",
+    "/etc/ssl",
+    "/etc/alternatives",
+)
 
 MiB = 1024 * 1024
 
@@ -79,6 +122,8 @@ _UID_BASE = 62000
 _UID_COUNT = 64
 # Tests switch this off to exercise the fallback without namespaces.
 _TRY_NAMESPACES = True
+# Tests switch this off to check that the harness alone still refuses every trick.
+_STATIC_SCAN = True
 
 # After asking the supervisor to stop, how long before everything is SIGKILLed from here.
 _KILL_GRACE_S = 3.0
@@ -152,6 +197,7 @@ class _Mode:
     drop_uid: bool  # run as a pooled unprivileged uid (caller is root)
     kill: Literal["ns", "uid", "pgrp"]  # how the rest of a run is killed
     name: str
+    view: bool = False  # the filesystem view (needs the mount namespace)
 
 
 @dataclass
@@ -182,11 +228,13 @@ class Sandbox:
 
     ``network_isolated``: runs get a private network namespace (only their own loopback).
     ``pid_isolated``: runs get a private PID namespace (every process dies with the run).
+    ``filesystem_isolated``: runs see only the sandbox's filesystem view, not the host's.
     ``run_uids``: the uids runs execute as, or None when they run as the caller's own user.
     """
 
     network_isolated: bool
     pid_isolated: bool
+    filesystem_isolated: bool
     run_uids: range | None
 
     def __init__(
@@ -209,7 +257,6 @@ class Sandbox:
         self._lock_dir = ""
         self._next_uid = 0
         self._uid_lock = threading.Lock()
-        self._exposures: list[tuple[str, list[str]]] = []
         if self._root:
             self._uid_pool = [uid for uid in range(_UID_BASE, _UID_BASE + _UID_COUNT) if _free(uid)]
             if not self._uid_pool:
@@ -217,10 +264,11 @@ class Sandbox:
             self._lock_dir = _private_dir(
                 os.path.join(self._base_dir, f"kaizen-sandbox-uids-{os.geteuid()}")
             )
-            self._exposures = self._find_exposures()
+        self._view_ro = self._view_paths() if _TRY_NAMESPACES else []
         self._mode = self._probe()
         self.network_isolated = bool(self._mode.unshare & _CLONE_NEWNET)
         self.pid_isolated = bool(self._mode.unshare & _CLONE_NEWPID)
+        self.filesystem_isolated = self._mode.view
         self.run_uids = range(_UID_BASE, _UID_BASE + _UID_COUNT) if self._mode.drop_uid else None
 
     # -- public API ---------------------------------------------------------------------------
@@ -233,18 +281,44 @@ class Sandbox:
         extra = _check_files(files or {})
         return self._run(code, extra, stdin, self._mode, self.limits)
 
+    def run_test(
+        self, code: str, test: str, *, files: dict[str, str] | None = None, stdin: str = ""
+    ) -> RunResult:
+        """Judge ``code`` (a program, in main.py) by ``test`` (asserts run after it, in its
+        namespace): ``passed`` only if the test ran to its end and the run exited 0, ``flagged``
+        (never ``passed``) for a program that tries to end or subvert the run around the test,
+        the reason stored in ``reason`` ("flagged: calls os._exit (line 3)"). Never raises for
+        anything the program does."""
+        extra = _check_files(files or {})
+        why = scan(code) if _STATIC_SCAN else None
+        if why is not None:
+            return RunResult("flagged", None, "", "", 0.0, f"flagged: the program {why}")
+        return self._run(code, extra, stdin, self._mode, self.limits, test=test)
+
     def run_many(self, programs: Sequence[str], *, progress: bool = False) -> list[RunResult]:
         """Run each program (as ``run_python``) on ``workers`` threads; results in input order."""
-        results: list[RunResult | None] = [None] * len(programs)
+        return self._batch(self.run_python, [(p,) for p in programs], progress)
+
+    def run_tests(
+        self, pairs: Sequence[tuple[str, str]], *, progress: bool = False
+    ) -> list[RunResult]:
+        """Judge each ``(code, test)`` (as ``run_test``) on ``workers`` threads; results in
+        input order."""
+        return self._batch(self.run_test, list(pairs), progress)
+
+    def _batch(
+        self, run: Callable[..., _T], calls: Sequence[tuple[str, ...]], progress: bool
+    ) -> list[_T]:
+        results: dict[int, _T] = {}
         with (
             ThreadPoolExecutor(max_workers=self.workers) as pool,
-            tqdm(total=len(programs), desc="sandbox", unit="run", disable=not progress) as bar,
+            tqdm(total=len(calls), desc="sandbox", unit="run", disable=not progress) as bar,
         ):
-            futures = {pool.submit(self.run_python, code): i for i, code in enumerate(programs)}
+            futures = {pool.submit(run, *args): i for i, args in enumerate(calls)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()
                 bar.update(1)
-        return [r for r in results if r is not None]
+        return [results[i] for i in range(len(calls))]
 
     # -- probing ------------------------------------------------------------------------------
 
@@ -254,14 +328,26 @@ class Sandbox:
         if self._root:
             if _TRY_NAMESPACES:
                 modes.append(
-                    _Mode(ns, True, "ns", "namespaces (net, mount, pid, ipc) + private uid")
+                    _Mode(
+                        ns,
+                        True,
+                        "ns",
+                        "namespaces (net, mount, pid, ipc) + filesystem view + private uid",
+                        view=True,
+                    )
                 )
             modes.append(_Mode(0, True, "uid", "private uid, no namespaces"))
             modes.append(_Mode(0, False, "pgrp", "as root: no privilege drop, no namespaces"))
         else:
             if _TRY_NAMESPACES:
                 modes.append(
-                    _Mode(ns | _CLONE_NEWUSER, False, "ns", "user namespace (net, mount, pid, ipc)")
+                    _Mode(
+                        ns | _CLONE_NEWUSER,
+                        False,
+                        "ns",
+                        "user namespace (net, mount, pid, ipc) + filesystem view",
+                        view=True,
+                    )
                 )
             modes.append(_Mode(0, False, "pgrp", "caller's user, no namespaces"))
         return modes
@@ -297,10 +383,11 @@ class Sandbox:
         log.info("sandbox: isolation on this machine: %s", mode.name)
         return mode
 
-    def _find_exposures(self) -> list[tuple[str, list[str]]]:
-        """The interpreter's directories the run uid cannot reach (e.g. a pyenv under /root,
-        mode 0700), grouped by the topmost blocking directory. In a private mount namespace the
-        supervisor hides that directory under an empty tmpfs and binds just these back."""
+    def _view_paths(self) -> list[str]:
+        """What the filesystem view shows read-only: the system's directories, a few files of
+        /etc, and the interpreter's prefix, venv and ``sys.path`` (asked of ``self.python``),
+        each at its own path. Nothing that holds the run directories (a ``sys.path`` entry of
+        ``/`` or ``/tmp`` would undo the view) is taken."""
         query = (
             "import json, os, sys; print(json.dumps([sys.base_prefix, sys.prefix,"
             " os.path.dirname(os.path.realpath(sys.executable))] + sys.path))"
@@ -317,21 +404,28 @@ class Sandbox:
             paths = [p for p in json.loads(out) if isinstance(p, str) and os.path.isabs(p)]
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             log.warning("sandbox: could not ask %s for its paths: %s", self.python, e)
-            return []
-        paths.append(os.path.dirname(os.path.realpath(self.python)))
-        targets = sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)})
-        targets = [p for p in targets if not any(_within(p, q) for q in targets if q != p)]
-        groups: dict[str, list[str]] = {}
-        for target in targets:
-            blocker = _topmost_blocker(target)
-            if blocker is not None:
-                groups.setdefault(blocker, []).append(target)
-        return sorted(groups.items())
+            paths = []
+        paths += [os.path.dirname(self.python), os.path.dirname(os.path.realpath(self.python))]
+        runtime = {os.path.realpath(p) for p in paths if os.path.isdir(p)}
+        runtime |= {p for p in paths if os.path.isdir(p) and not os.path.islink(p)}
+        base = os.path.realpath(self._base_dir)
+        runtime = {p for p in runtime if not _within(base, p)}
+        system = [p for p in _VIEW_SYSTEM if os.path.lexists(p)]
+        runtime = {p for p in runtime if not any(_within(p, q) for q in system)}
+        runtime = {p for p in runtime if not any(_within(p, q) for q in runtime if q != p)}
+        return system + [p for p in _VIEW_ETC if os.path.lexists(p)] + sorted(runtime)
 
     # -- one run ------------------------------------------------------------------------------
 
     def _run(
-        self, code: str, files: dict[str, str], stdin: str, mode: _Mode, limits: SandboxLimits
+        self,
+        code: str,
+        files: dict[str, str],
+        stdin: str,
+        mode: _Mode,
+        limits: SandboxLimits,
+        *,
+        test: str | None = None,
     ) -> RunResult:
         start = time.monotonic()
         uid: int | None = None
@@ -342,14 +436,17 @@ class Sandbox:
                 uid, lock_fd = self._lease_uid()
             workdir = tempfile.mkdtemp(prefix="kaizen-sandbox-", dir=self._base_dir)
             _write_files(workdir, {"main.py": code, **files}, uid)
-            return self._execute(workdir, stdin, mode, limits, uid)
+            return self._execute(workdir, stdin, mode, limits, uid, test)
         except OSError as e:
             return RunResult("error", None, "", "", time.monotonic() - start, f"sandbox: {e}")
         finally:
             if workdir:
                 _remove_tree(workdir)
-            if uid is not None:
-                _scrub_shared_tmp(uid)
+                # The view's mount point: only the run's mount namespace mounted anything on it.
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(workdir + ".root")
+            if uid is not None and not mode.view:
+                _scrub_shared_tmp(uid)  # with the view, /tmp and /dev/shm were private
             if lock_fd >= 0:
                 os.close(lock_fd)  # releases the flock
 
@@ -378,6 +475,7 @@ class Sandbox:
         mode: _Mode,
         limits: SandboxLimits,
         uid: int | None,
+        test: str | None,
     ) -> RunResult:
         nproc = limits.max_processes
         if mode.kill == "pgrp" and not self._root:
@@ -390,15 +488,54 @@ class Sandbox:
             (resource.RLIMIT_FSIZE, limits.max_file_size_bytes, limits.max_file_size_bytes),
             (resource.RLIMIT_CORE, 0, 0),
         ]
+        # Every pipe end here is non-inheritable; Popen's pass_fds hands the supervisor its own.
         report_r, report_w = os.pipe()
+        ours, theirs = [report_r], [report_w]
+        argv = [self.python, "-E", "-s", "-B", "-X", "utf8"]
+        token = ""
+        feeds: dict[int, bytes] = {}
+        seal_r = -1
+        if test is None:
+            argv.append("main.py")
+        else:
+            # The harness reads the test and the token from input_r before the program runs;
+            # only a test that returned gets the token written to seal_w (its module docstring).
+            input_r, input_w = os.pipe()
+            seal_r, seal_w = os.pipe()
+            ours += [input_w, seal_r]
+            theirs += [input_r, seal_w]
+            token = secrets.token_hex(16)
+            feeds[input_w] = json.dumps({"token": token, "test": test}).encode()
+            harness = {
+                "input_fd": input_r,
+                "seal_fd": seal_w,
+                "program": "main.py",
+                "protected": [str(_HARNESS), str(_SUPERVISOR)],
+            }
+            argv += ["-c", _HARNESS_SOURCE, json.dumps(harness)]
+        view = None
+        if mode.view:
+            view = {
+                "root": workdir + ".root",
+                "ro": self._view_ro,
+                "rw": [workdir],
+                "cwd": workdir,
+                "tmpfs_bytes": limits.max_file_size_bytes,
+                # A judged program gets no /proc: /proc/self/mem would expose the harness's
+                # memory (the seal's token) whatever the audit hook checks.
+                "proc": test is None,
+            }
+            os.mkdir(view["root"], 0o700)
         config = {
+            "parent": os.getpid(),
             "report_fd": report_w,
+            "pass_fds": theirs[1:],
             "unshare": mode.unshare,
-            "exposures": self._exposures if mode.unshare & _CLONE_NEWNS else [],
+            "view": view,
             "kill": mode.kill,
             "uid": uid,
             "rlimits": rlimits,
-            "argv": [self.python, "-E", "-s", "-B", "-X", "utf8", "main.py"],
+            "argv": argv,
         }
         env = {
             "PATH": f"{os.path.dirname(self.python)}:/usr/local/bin:/usr/bin:/bin",
@@ -416,29 +553,38 @@ class Sandbox:
         start = time.monotonic()  # the wall clock runs from here, not from waiting for a uid
         try:
             proc = subprocess.Popen(
-                [self.python, "-I", "-S", "-c", _SUPERVISOR, json.dumps(config)],
+                [self.python, "-I", "-S", str(_SUPERVISOR), json.dumps(config)],
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(report_w,),
+                pass_fds=tuple(theirs),
                 start_new_session=True,
             )
         except OSError:
-            os.close(report_r)
+            for fd in ours:
+                os.close(fd)
             raise
         finally:
-            os.close(report_w)
+            for fd in theirs:
+                os.close(fd)
         with proc:
-            outcome = _communicate(proc, report_r, stdin.encode(), limits, start)
+            try:
+                outcome = _communicate(proc, report_r, stdin.encode(), feeds, seal_r, limits, start)
+            except BaseException:
+                # Never leave a run behind (Popen's exit waits for it): kill it all first.
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                raise
         outcome.duration_s = time.monotonic() - start
-        return _classify(outcome, limits)
+        return _classify(outcome, limits, token if test is not None else None)
 
 
 def check_program(code: str, test: str, *, sandbox: Sandbox) -> RunResult:
-    """Run ``code`` followed by ``test`` (asserts): passed when every assert holds."""
-    return sandbox.run_python(code + "\n\n" + test)
+    """Judge ``code`` by ``test`` (asserts) with :meth:`Sandbox.run_test`: passed when the
+    test ran to its end."""
+    return sandbox.run_test(code, test)
 
 
 # -- the caller's side of a run ---------------------------------------------------------------
@@ -451,20 +597,29 @@ class _Outcome:
     reports: list[dict[str, object]]
     returncode: int | None  # the supervisor's
     stopped: str | None  # why we stopped the run: "timeout", "output_limit:<stream>", None
+    seal: bytes = b""  # what the harness (or the program) wrote to the seal pipe
     duration_s: float = 0.0
 
 
 def _communicate(
-    proc: subprocess.Popen[bytes], report_r: int, data: bytes, limits: SandboxLimits, start: float
+    proc: subprocess.Popen[bytes],
+    report_r: int,
+    data: bytes,
+    feeds: dict[int, bytes],
+    seal_r: int,
+    limits: SandboxLimits,
+    start: float,
 ) -> _Outcome:
-    """Feed stdin, read stdout/stderr (capped) and the supervisor's reports until all close;
-    stop the run at the wall-clock deadline or when an output exceeds its cap."""
+    """Feed stdin and the harness's input (``feeds``: pipe -> bytes), read stdout/stderr
+    (capped), the seal and the supervisor's reports until all close; stop the run at the
+    wall-clock deadline or when an output exceeds its cap."""
     assert proc.stdout is not None and proc.stderr is not None
     captures = {
         "stdout": _Capture(limits.max_output_bytes),
         "stderr": _Capture(limits.max_output_bytes),
     }
     report_buf = bytearray()
+    seal_buf = bytearray()
     stopped: str | None = None
     stop_deadline = math.inf
     deadline = start + limits.timeout_s
@@ -472,10 +627,17 @@ def _communicate(
     sel.register(proc.stdout.fileno(), selectors.EVENT_READ, "stdout")
     sel.register(proc.stderr.fileno(), selectors.EVENT_READ, "stderr")
     sel.register(report_r, selectors.EVENT_READ, "report")
-    if proc.stdin is not None:
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE, "stdin")
-    view = memoryview(data)
+    if seal_r >= 0:
+        sel.register(seal_r, selectors.EVENT_READ, "seal")
+    pending: dict[int, memoryview] = {}
+    stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
+    if stdin_fd >= 0:
+        pending[stdin_fd] = memoryview(data)
+    for fd, feed in feeds.items():
+        pending[fd] = memoryview(feed)
+    for fd in pending:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_WRITE, "feed")
 
     def stop(why: str) -> None:
         nonlocal stopped, stop_deadline
@@ -500,29 +662,36 @@ def _communicate(
                 wait = stop_deadline + _KILL_GRACE_S - now
             for key, _ in sel.select(max(wait, 0.0)):
                 fd, name = key.fd, key.data
-                if name == "stdin":
+                if name == "feed":
+                    view = pending[fd]
                     try:
-                        view = view[os.write(fd, view[:_READ_CHUNK]) :]
+                        view = pending[fd] = view[os.write(fd, view[:_READ_CHUNK]) :]
                     except BlockingIOError:
                         continue
-                    except OSError:  # the program closed stdin or is gone
-                        view = view[:0]
+                    except OSError:  # the program closed its end or is gone
+                        view = pending[fd] = view[:0]
                     if not view:
                         sel.unregister(fd)
-                        assert proc.stdin is not None
-                        with contextlib.suppress(OSError):
-                            proc.stdin.close()
+                        _close_feed(proc, fd, stdin_fd)
                     continue
                 chunk = os.read(fd, _READ_CHUNK)
                 if not chunk:
                     sel.unregister(fd)
                 elif name == "report":
                     report_buf += chunk
+                elif name == "seal":
+                    if len(seal_buf) < _READ_CHUNK:  # a genuine seal is one short line
+                        seal_buf += chunk
                 elif captures[name].add(chunk):
                     stop(f"output_limit:{name}")
     finally:
         sel.close()
         os.close(report_r)
+        if seal_r >= 0:
+            os.close(seal_r)
+        for fd, view in pending.items():
+            if view:  # not yet fed (and closed) when the run ended
+                _close_feed(proc, fd, stdin_fd)
         if proc.stdin is not None and not proc.stdin.closed:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
@@ -541,10 +710,23 @@ def _communicate(
             message = json.loads(line)
             if isinstance(message, dict):
                 reports.append(message)
-    return _Outcome(captures["stdout"], captures["stderr"], reports, returncode, stopped)
+    return _Outcome(
+        captures["stdout"], captures["stderr"], reports, returncode, stopped, bytes(seal_buf)
+    )
 
 
-def _classify(outcome: _Outcome, limits: SandboxLimits) -> RunResult:
+def _close_feed(proc: subprocess.Popen[bytes], fd: int, stdin_fd: int) -> None:
+    """Close a fed pipe: the program sees EOF (the harness waits for it on its input)."""
+    if fd == stdin_fd:
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    else:
+        os.close(fd)
+
+
+def _classify(outcome: _Outcome, limits: SandboxLimits, token: str | None) -> RunResult:
+    """The run's status. ``token``: the seal a run of :meth:`Sandbox.run_test` must show."""
     stdout, stderr = outcome.stdout.text(), outcome.stderr.text()
 
     def result(status: Status, code: int | None, reason: str) -> RunResult:
@@ -569,6 +751,22 @@ def _classify(outcome: _Outcome, limits: SandboxLimits) -> RunResult:
         return result("error", None, "sandbox setup failed: " + "; ".join(errors))
     if code is None:
         return result("error", None, f"sandbox supervisor ended with {outcome.returncode}")
+    if token is not None:
+        seal = outcome.seal.decode("utf-8", errors="replace")
+        # A program may write junk before a flag line; it cannot remove one.
+        flags = [line.split("flag: ", 1)[1] for line in seal.splitlines() if "flag: " in line]
+        if flags:
+            return result("flagged", code, f"flagged: the program {flags[0]}")
+        if code == 0:
+            if seal == token + "\n":
+                return result("passed", 0, "the test ran to its end (exit code 0, sealed)")
+            if seal == "fail\n":
+                return result("flagged", 0, "flagged: exit code 0 after the test failed")
+            if seal:
+                return result("flagged", 0, "flagged: the program wrote to the harness's seal")
+            return result(
+                "flagged", 0, "flagged: exit code 0 before the test ran to its end (no seal)"
+            )
     lines = [line for line in outcome.stderr.data.decode(errors="replace").splitlines() if line]
     out_of_memory = bool(lines and _MEMORY_LAST_LINE.match(lines[-1])) or bool(
         _MEMORY_ANYWHERE.search(stderr)
@@ -616,16 +814,6 @@ def _free(uid: int) -> bool:
 
 def _within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
-def _topmost_blocker(path: str) -> str | None:
-    """The highest directory above ``path`` that others may not enter, if any."""
-    parts = PurePosixPath(path).parts
-    for i in range(1, len(parts)):
-        ancestor = str(PurePosixPath(*parts[:i]))
-        if not os.stat(ancestor).st_mode & stat.S_IXOTH:
-            return ancestor
-    return None
 
 
 def _private_dir(path: str) -> str:
@@ -722,229 +910,3 @@ def _task_count(uid: int) -> int:
         if int(fields.get("Uid", "-1 0").split()[0]) == uid:
             count += int(fields.get("Threads", "1").strip() or 1)
     return count
-
-
-# -- the supervisor ---------------------------------------------------------------------------
-#
-# Runs as `python -I -S -c _SUPERVISOR CONFIG` in the run's directory, a new session, with the
-# run's environment. As the caller's user (root: still privileged) it unshares the namespaces,
-# hides what the run uid must not see and binds back what the interpreter needs, brings up the
-# private loopback, then forks the program: limits, no new privileges, the run uid, exec.
-# With a PID namespace it forks twice: the middle process is PID 1 there, reaps, and its exit
-# kills every process left in the namespace. Without one it is a child subreaper and kills the
-# rest by uid (kill(-1) as that uid) or process group. It reports JSON lines on report_fd:
-# {"error": ...} when setup or exec fail, {"exit": wait status, "cpu": s, "maxrss_kib": n}.
-# SIGTERM from the caller: kill everything now.
-_SUPERVISOR = r"""
-import ctypes, json, os, signal, sys, time
-
-cfg = json.loads(sys.argv[1])
-REPORT = cfg["report_fd"]
-os.set_inheritable(REPORT, False)
-state = {"role": "outer", "child": 0, "stopping": False}
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                       ctypes.c_char_p]
-
-def report(**msg):
-    try:
-        os.write(REPORT, (json.dumps(msg) + "\n").encode())
-    except OSError:
-        pass
-
-def check(ret, what):
-    if ret != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, what + ": " + os.strerror(e))
-
-def mount(src, dst, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()
-    check(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount " + dst)
-
-def kill_rest():
-    if state["role"] == "outer" and state["child"]:
-        try:
-            os.kill(state["child"], signal.SIGKILL)
-        except OSError:
-            pass
-    elif state["role"] == "supervisor" and state["child"]:
-        if cfg["kill"] == "uid":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    uid = cfg["uid"]
-                    os.setgroups([])
-                    os.setresgid(uid, uid, uid)
-                    os.setresuid(uid, uid, uid)
-                    for _ in range(3):
-                        try:
-                            os.kill(-1, signal.SIGKILL)
-                        except ProcessLookupError:
-                            break
-                finally:
-                    os._exit(0)
-        else:
-            for pid in [state["child"]] + direct_children():
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-def direct_children():
-    me, found = os.getpid(), []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/" + name + "/stat", "rb") as f:
-                    stat = f.read()
-                if int(stat[stat.rindex(b")") + 2:].split()[1]) == me:
-                    found.append(int(name))
-            except (OSError, ValueError):
-                pass
-    return found
-
-def on_term(signum, frame):
-    state["stopping"] = True
-    kill_rest()
-
-def detach_stdio():
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-
-def setup():
-    flags = cfg["unshare"]
-    if not flags:
-        return
-    uid, gid = os.getuid(), os.getgid()
-    check(libc.unshare(flags), "unshare")
-    if flags & 0x10000000:  # CLONE_NEWUSER: map ourselves, nobody else
-        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
-                           ("gid_map", "%d %d 1" % (gid, gid))):
-            with open("/proc/self/" + name, "w") as f:
-                f.write(text)
-    if flags & 0x00020000:  # CLONE_NEWNS
-        mount(None, "/", None, 1 << 14 | 1 << 18)  # MS_REC | MS_PRIVATE: nothing leaks out
-        here = os.getcwd()
-        for blocker, targets in cfg["exposures"]:
-            stages = []
-            for i, target in enumerate(targets):
-                stage = os.path.join(here, ".kaizen-stage-%d" % i)
-                os.mkdir(stage, 0o700)
-                mount(target, stage, None, 4096 | 1 << 14)  # MS_BIND | MS_REC
-                stages.append(stage)
-            mount("tmpfs", blocker, "tmpfs", 2 | 4, "mode=0755,size=1m")  # MS_NOSUID | MS_NODEV
-            for target, stage in zip(targets, stages):
-                os.makedirs(target, 0o755, exist_ok=True)
-                mount(stage, target, None, 8192)  # MS_MOVE
-                os.rmdir(stage)
-    if flags & 0x40000000:  # CLONE_NEWNET: bring up the private loopback (best effort)
-        try:
-            import fcntl, socket, struct
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                req = struct.pack("16sh22x", b"lo", 0)
-                up = struct.unpack("16sh22x", fcntl.ioctl(s, 0x8913, req))[1] | 1
-                fcntl.ioctl(s, 0x8914, struct.pack("16sh22x", b"lo", up))
-        except OSError:
-            pass
-
-def exec_program():
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        import resource
-        if cfg["kill"] == "pgrp":
-            os.setpgid(0, 0)
-        for which, soft, hard in cfg["rlimits"]:
-            _, cur_hard = resource.getrlimit(which)
-            if cur_hard != resource.RLIM_INFINITY:
-                hard = min(hard, cur_hard)
-            resource.setrlimit(which, (min(soft, hard), hard))
-        check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        uid = cfg["uid"]
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        argv = cfg["argv"]
-        os.execve(argv[0], argv, dict(os.environ))
-    except BaseException as e:
-        report(error="cannot start the program: %s" % (e,))
-    os._exit(127)
-
-def supervise(ns_init):
-    state["role"] = "supervisor"
-    if ns_init:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if cfg["unshare"] & 0x00020000:
-            try:  # this namespace's processes only
-                mount("proc", "/proc", "proc", 2 | 4 | 8)
-            except OSError:
-                pass
-    else:
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
-    pid = os.fork()
-    if pid == 0:
-        exec_program()
-    state["child"] = pid
-    detach_stdio()
-    if state["stopping"]:
-        kill_rest()
-    status, usage = None, None
-    while True:
-        try:
-            got, st, ru = os.wait4(-1, 0)
-        except ChildProcessError:
-            break
-        if got == pid:
-            status, usage = st, ru
-            break
-    if not ns_init:  # as PID 1 our exit kills the rest
-        kill_rest()
-        give_up = time.monotonic() + 5
-        while True:
-            try:
-                got, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if got == 0:
-                if time.monotonic() > give_up:
-                    break
-                if cfg["kill"] == "pgrp":
-                    kill_rest()
-                time.sleep(0.005)
-    if status is not None:
-        report(exit=status, cpu=usage.ru_utime + usage.ru_stime, maxrss_kib=usage.ru_maxrss)
-    os._exit(0)
-
-signal.signal(signal.SIGTERM, on_term)
-try:
-    setup()
-except BaseException as e:
-    report(error="sandbox setup: %s" % (e,))
-    os._exit(125)
-if cfg["unshare"] & 0x20000000:  # CLONE_NEWPID: our child is PID 1 in the new namespace
-    pid = os.fork()
-    if pid == 0:
-        supervise(ns_init=True)
-    state["child"] = pid
-    detach_stdio()
-    if state["stopping"]:
-        kill_rest()
-    while True:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        break
-    os._exit(0)
-supervise(ns_init=False)
-"""

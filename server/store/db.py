@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,34 @@ class DatabaseNotMigratedError(RuntimeError):
     """The database schema is missing or older than this code expects."""
 
 
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database's directory (0700) and file (0600) for this user only, before SQLite
+    does (it would take the umask, typically 0644 in a 0755 directory: readable by every local
+    user, the trainer's sandboxed programs included where the sandbox has no filesystem view).
+    SQLite gives its -wal and -shm files the database file's mode. Existing files are left as
+    they are."""
+    missing = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return
+    os.chmod(path, 0o600)
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets WAL, a busy timeout and its parent directory."""
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, and its file (0600) and parent
+    directories (0700) created for this user only."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(Path(parsed.database).expanduser())
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")

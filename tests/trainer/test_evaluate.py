@@ -21,14 +21,10 @@ from trainer.evaluate import (
 )
 from trainer.generate import GenerationRequest
 from trainer.sandbox import Sandbox, SandboxLimits
-from trainer.tasks import Task
+from trainer.tasks import Task, mbpp_path
 
-MBPP_PATH = Path(
-    os.environ.get(
-        "KAIZEN_MBPP_PATH",
-        Path(__file__).resolve().parents[3] / "shared/data/mbppplus.jsonl",
-    )
-)
+# The copy that ships with Kaizen; KAIZEN_MBPP_PATH overrides it.
+MBPP_PATH = mbpp_path(os.environ.get("KAIZEN_MBPP_PATH"))
 
 # -- McNemar ----------------------------------------------------------------------------------
 
@@ -223,7 +219,6 @@ def test_load_suite_names() -> None:
     assert len(fim) == 164 and all(t.single_line for t in fim)
 
 
-@pytest.mark.skipif(not MBPP_PATH.is_file(), reason=f"MBPP+ data not found at {MBPP_PATH}")
 def test_load_suite_mbpp_splits() -> None:
     sizes = {s: len(load_suite(s, mbpp_path=MBPP_PATH)) for s in SUITES if s.startswith("mbpp")}
     assert sizes == {"mbpp_train": 181, "mbpp_dev": 60, "mbpp_test": 60}

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -131,6 +132,10 @@ def test_check_program(sandbox: Sandbox) -> None:
     failed = check_program(code, "assert add(2, 3) == 6", sandbox=sandbox)
     assert failed.status == "failed"
     assert "AssertionError" in failed.stderr
+    # Leaving before the test is not a pass (it was, when the caller concatenated the two).
+    early = check_program("import os\nos._exit(0)\n", "assert add(2, 3) == 5", sandbox=sandbox)
+    assert early.status == "flagged" and not early.passed
+    assert early.reason == "flagged: the program calls os._exit (line 2)"
 
 
 def test_site_packages_stay_importable(sandbox: Sandbox) -> None:
@@ -224,22 +229,24 @@ def test_cannot_write_or_read_outside(sandbox: Sandbox, world_readable_dir: str)
     with open(secret, "w") as f:
         f.write("hunter2")
     os.chmod(secret, 0o600)
+    # Denied by file modes (no view), or absent from the view / read-only there (with one).
     code = f"""
 for path in [{inside!r}, "/root/should_not_exist"]:
     try:
         open(path, "w").write("x")
         print("wrote", path)
-    except PermissionError:
+    except OSError:
         print("denied", path)
 try:
     print(open({secret!r}).read())
-except PermissionError:
+except OSError:
     print("denied read")
 open({inside!r}, "w")
 """
     result = sandbox.run_python(code)
     assert result.status == "failed"
-    assert "PermissionError" in result.stderr
+    expected = "FileNotFoundError" if sandbox.filesystem_isolated else "PermissionError"
+    assert expected in result.stderr
     assert result.stdout.splitlines() == [
         f"denied {inside}",
         "denied /root/should_not_exist",
@@ -289,6 +296,7 @@ def test_fallback_without_namespaces_warns(
     with caplog.at_level(logging.WARNING, logger="trainer.sandbox"):
         sandbox = Sandbox(LIMITS)
     assert not sandbox.network_isolated and not sandbox.pid_isolated
+    assert not sandbox.filesystem_isolated
     assert "sandbox: no network isolation on this machine: namespaces not tried" in caplog.text
     assert sandbox.run_python("print(6 * 7)").stdout == "42\n"
 
@@ -342,3 +350,55 @@ def test_run_many_preserves_order(sandbox: Sandbox) -> None:
 
 def test_run_many_of_nothing(sandbox: Sandbox) -> None:
     assert sandbox.run_many([]) == []
+
+
+def _descendants(root: int) -> set[int]:
+    """Live processes below ``root`` (by parent pid)."""
+    parents: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        after = stat[stat.rindex(b")") + 2 :].split()
+        if after[0] != b"Z":
+            parents[int(pid)] = int(after[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :].split()[0] != b"Z"
+
+
+def test_a_killed_caller_leaves_no_run_behind() -> None:
+    """The wall clock lives in the caller: if it is SIGKILLed mid-run, the run must die too
+    (the supervisor, PID 1 of the namespace and the program die with their parents)."""
+    caller = (
+        "from trainer.sandbox import Sandbox\nsandbox = Sandbox()\nprint('ready', flush=True)\n"
+        "sandbox.run_test('import time\\ndef add(a, b):\\n    time.sleep(300)\\n', 'add(1, 2)')\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", caller], stdout=subprocess.PIPE, cwd=repo)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    deadline = time.monotonic() + 20
+    while len(run := _descendants(proc.pid)) < 2:  # the supervisor(s) and the program
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    run = _descendants(proc.pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in run if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == []
