@@ -1,8 +1,10 @@
 """The FastAPI application: wires settings, database, engine, recorder and routes together.
 
-Start-up refuses an un-migrated database, starts the recorder, and loads the engine in the
-background (``/readyz`` answers 503 until it is ready). Shutdown drains the recorder before the
-engine stops, so no record of a response already sent is lost.
+Every request passes the request guard first (server/api/guard.py: authentication of /v1/*,
+per-token limits, the body limit). Start-up refuses an un-migrated database, starts the
+recorder, and loads the engine in the background (``/readyz`` answers 503 until it is ready).
+Shutdown drains the recorder before the engine stops, so no record of a response already sent
+is lost.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api.errors import install_error_handlers
+from server.api.guard import RequestGuard
+from server.api.limits import TokenLimiter
 from server.api.main import api_router
+from server.api.openapi import install_openapi
 from server.config import Settings, get_settings
 from server.engine.base import Engine
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
-from server.services.recorder import Recorder
+from server.services.recorder import DurableAckMiddleware, Recorder
 from server.services.rollout import RolloutService
 from server.store.db import check_migrated, make_engine, make_session_factory
+from server.store.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +61,23 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         db_engine = make_engine(settings.database_url)
         check_migrated(db_engine)
         session_factory = make_session_factory(db_engine)
-        recorder = Recorder(session_factory)
-        recorder.start()
+        assert settings.journal_dir is not None
+        recorder = Recorder(
+            session_factory,
+            journal=Journal(settings.journal_dir),
+            drain_timeout=settings.recorder_drain_seconds,
+        )
+        recorder.start()  # replays what a crash or an outage left in the journal
         model_engine = engine or build_engine(settings)
         app.state.settings = settings
         app.state.session_factory = session_factory
         app.state.recorder = recorder
-        app.state.authenticator = TokenAuthenticator(session_factory, settings.auth_cache_seconds)
+        app.state.authenticator = TokenAuthenticator(
+            session_factory,
+            settings.auth_cache_seconds,
+            outage_grace=settings.auth_outage_grace_seconds,
+            outage_cache_size=settings.auth_outage_cache_size,
+        )
         rollout = RolloutService(
             engine=model_engine, session_factory=session_factory, settings=settings
         )
@@ -83,7 +99,30 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             db_engine.dispose()
             log.info("event=shutdown_complete")
 
-    app = FastAPI(title="Kaizen", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Kaizen",
+        version="0.1.0",
+        description="An on-prem code assistant that improves from its users' test results. "
+        "Every endpoint but the health probes needs `Authorization: Bearer <token>`.",
+        lifespan=lifespan,
+    )
     install_error_handlers(app)
+    # A response completes only once its record is journaled (see server/services/recorder.py).
+    app.add_middleware(DurableAckMiddleware)
     app.include_router(api_router)
+    install_openapi(app, settings)
+    # Added last, so outermost: authentication, per-token limits and the body limit come before
+    # anything reads the body (see server/api/guard.py).
+    app.state.limiter = TokenLimiter(
+        per_minute=settings.rate_limit_per_minute,
+        burst=settings.rate_limit_burst,
+        max_in_flight=settings.max_concurrent_per_token,
+    )
+    docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(
+        RequestGuard,
+        settings=settings,
+        limiter=app.state.limiter,
+        docs_paths=[path for path in docs if path],
+    )
     return app

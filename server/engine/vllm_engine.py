@@ -8,9 +8,17 @@ loaded, because vLLM caches adapter weights (and prefix-cache entries) by id and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.context
+import os
+import signal
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +60,150 @@ def resolve_model_dir(settings: Settings) -> Path:
             "(no config.json). Use 'bundled' or a local checkpoint directory."
         )
     return path
+
+
+# -- engine processes die with their parent ------------------------------------------------------
+#
+# vLLM runs its engine core (and, on some platforms, workers) in child processes started through
+# ``multiprocessing``. A server killed with SIGKILL runs no clean-up, and those children (GBs
+# each) lived on. The process classes below make every such child watch its parent: the
+# parent's end of a pipe closes when the parent dies, however it dies, and the child then kills
+# its own children and itself. The pipe (``multiprocessing.parent_process().sentinel``) is per
+# process, unlike PR_SET_PDEATHSIG, which fires when the *thread* that started the child ends
+# (the server starts vLLM from a worker thread).
+
+
+def _die_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        with contextlib.suppress(Exception):  # the log may be gone with the parent
+            print(
+                f"event=parent_exited pid={os.getpid()} parent={parent.pid} (exiting with it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        with contextlib.suppress(Exception):
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="kaizen-parent-watch", daemon=True).start()
+
+
+class _DiesWithParent:
+    def run(self) -> None:
+        _die_with_parent()
+        install_process_guard()  # the child's own children watch it in turn
+        super().run()  # type: ignore[misc]
+
+
+class _SpawnProcess(_DiesWithParent, multiprocessing.context.SpawnProcess):
+    pass
+
+
+class _ForkProcess(_DiesWithParent, multiprocessing.context.ForkProcess):
+    pass
+
+
+def install_process_guard() -> None:
+    """Make every process started from now on through a spawn or fork context (as vLLM starts
+    its engine core) exit when this process dies. Idempotent; call before starting vLLM."""
+    multiprocessing.context.SpawnContext.Process = _SpawnProcess  # type: ignore[assignment]
+    multiprocessing.context.ForkContext.Process = _ForkProcess  # type: ignore[assignment]
+
+
+# -- CPU cores ------------------------------------------------------------------------------------
+
+
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on, one per physical core (SMT siblings share a core's
+    arithmetic units, so vLLM's own auto binding also takes one logical CPU per core)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    seen: dict[tuple[str, str], int] = {}
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            key = (
+                (topology / "physical_package_id").read_text().strip(),
+                (topology / "core_id").read_text().strip(),
+            )
+        except OSError:
+            key = ("?", str(cpu))
+        seen.setdefault(key, cpu)
+    return sorted(seen.values())
+
+
+def parse_core_list(spec: str) -> list[int]:
+    """``"0-3,6"`` -> ``[0, 1, 2, 3, 6]``; raises ValueError with what is wrong."""
+    cores: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(
+                f"{spec!r} is not a CPU list: write core ids and ranges such as '0-3,6'"
+            ) from None
+        if first > last:
+            raise ValueError(f"{spec!r}: the range {part} runs backwards")
+        cores.update(range(first, last + 1))
+    if not cores:
+        raise ValueError(f"{spec!r} names no core")
+    return sorted(cores)
+
+
+def choose_cores(spec: str, *, role: str, shared: bool, available: list[int]) -> list[int]:
+    """The cores an engine binds to. ``spec`` is ``"auto"`` or a CPU list. With ``auto``, an
+    engine alone on the host takes every core; when the server and the trainer's generator
+    share it (``shared``), the server takes the lower half and the generator the upper half, so
+    the two never run their threads on the same core."""
+    if spec.strip().lower() != "auto":
+        cores = parse_core_list(spec)
+        outside = sorted(set(cores) - set(os.sched_getaffinity(0)))
+        if outside:
+            raise ValueError(
+                f"cores {outside} of {spec!r} are not available to this process "
+                f"(it may use {sorted(os.sched_getaffinity(0))})"
+            )
+        return cores
+    if not shared or len(available) < 2:
+        return list(available)
+    half = (len(available) + 1) // 2
+    return available[:half] if role == "server" else available[half:]
+
+
+def apply_cpu_binding(spec: str, *, role: str, shared: bool) -> str | None:
+    """Set ``VLLM_CPU_OMP_THREADS_BIND`` for the engine about to start (its child processes
+    read the environment), unless the operator set it; returns what the engine will use.
+    vLLM's own ``auto`` keeps a core per engine for its scheduler, which on a small host left
+    every engine on core 0, all of them fighting over it."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    global _bind_we_set
+    operator = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if operator is not None and operator != _bind_we_set:
+        log.info(
+            "event=cpu_binding role=%s cores=%s source=VLLM_CPU_OMP_THREADS_BIND", role, operator
+        )
+        return operator
+    cores = choose_cores(spec, role=role, shared=shared, available=usable_cores())
+    bind = ",".join(str(c) for c in cores)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind_we_set = bind
+    log.info("event=cpu_binding role=%s cores=%s shared=%s", role, bind, shared)
+    return bind
+
+
+_bind_we_set: str | None = None  # what apply_cpu_binding put in the environment, if anything
 
 
 def scheduler_args(max_model_len: int) -> dict[str, Any]:
@@ -137,6 +289,10 @@ class VllmEngine:
             AutoTokenizer.from_pretrained, str(self.model_dir)
         )
         args = self._engine_args(self.model_dir)
+        install_process_guard()
+        apply_cpu_binding(
+            self.settings.cpu_cores, role="server", shared=self.settings.cpu_shared_with_trainer
+        )
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         for name, path in self.settings.adapters.items():
             await self.add_adapter(name, path)

@@ -10,11 +10,11 @@ canary that is promoted or rolled back on what users and CI say about it.
   A version that cannot be loaded (corrupt, another base model, rank over the limit) is
   refused, logged and left out of routing; serving goes on with what was there. A version
   that left routing is unloaded once no request uses it and a grace period has passed.
-* Once the canary and the active version each have ``KAIZEN_ROLLOUT_MIN_SAMPLES`` shown
-  completions or CI verdicts since the canary started, the canary is promoted if neither its
-  acceptance rate nor its CI pass rate is below the active one's by more than
-  ``KAIZEN_ROLLOUT_TOLERANCE``, and rolled back otherwise. Registry moves are
-  compare-and-set, so when replicas decide at once only one move happens.
+* The canary is judged by a sequential test on acceptance and CI pass rates of the
+  completions served since it started (:mod:`server.services.canary`; developer fixes are
+  left out of the pass rate), promoted or rolled back at the first poll where the test
+  decides. Registry moves are compare-and-set and each operation is one transaction, so when
+  replicas decide at once only one move happens, and a crash leaves no half-made move.
 
 The promote/rollback/pin operations are plain functions on a session, shared by the ops API and
 the ``kaizen`` CLI; every one writes the registry's audit trail.
@@ -26,8 +26,9 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,9 +46,12 @@ from server.api.rollout_protocol import (
 )
 from server.config import Settings
 from server.engine.adapters import AdapterRejectedError
-from server.engine.base import Engine
+from server.engine.base import Engine, GenerationParams
 from server.errors import ApiError
+from server.services.canary import CanaryConfig, MetricCounts
+from server.services.canary import decide as decide_canary
 from server.store import adapters as registry
+from server.store.canary import canary_counts
 from server.store.feedback import adapter_stats
 from server.store.models import Adapter
 from server.store.rollout import get_rollout_state, set_rollout_state
@@ -56,6 +60,7 @@ from server.store.tokens import Principal
 log = logging.getLogger(__name__)
 
 SERVABLE = ("approved", "canary", "active", "retired")
+WARMUP_TIMEOUT_S = 120.0  # a loaded CPU host can take long for one token; never block for ever
 
 
 class RolloutError(ValueError):
@@ -77,7 +82,21 @@ def promote(*, session: Session, name: str, to: str, actor: str, reason: str = "
 
     To ``canary``: it must be approved; a previous canary is retired. To ``active``: it must be
     approved or the canary; the previous active version is retired (a rollback restores it).
+    One transaction: all of it happens, or (error, crash) none of it.
     """
+    with registry.atomic(session):
+        return _promote(session=session, name=name, to=to, actor=actor, reason=reason)
+
+
+def rollback(*, session: Session, actor: str, reason: str = "") -> list[str]:
+    """Take back the newest change: retire the canary if there is one; else retire the active
+    version and restore the one that was active before it (or the base model). One
+    transaction, like :func:`promote`."""
+    with registry.atomic(session):
+        return _rollback(session=session, actor=actor, reason=reason)
+
+
+def _promote(*, session: Session, name: str, to: str, actor: str, reason: str) -> list[str]:
     if to not in ("canary", "active"):
         raise RolloutError(f"promote to 'canary' or 'active', not {to!r}")
     adapter = _get(session, name)
@@ -140,9 +159,7 @@ def promote(*, session: Session, name: str, to: str, actor: str, reason: str = "
         raise RolloutError(str(exc)) from exc
 
 
-def rollback(*, session: Session, actor: str, reason: str = "") -> list[str]:
-    """Take back the newest change: retire the canary if there is one; else retire the active
-    version and restore the one that was active before it (or the base model)."""
+def _rollback(*, session: Session, actor: str, reason: str) -> list[str]:
     canary = registry.canary_adapter(session=session)
     why = reason or "rolled back"
     if canary is not None:
@@ -309,6 +326,7 @@ class RolloutService:
                     continue
                 self._managed.add(name)
                 loaded.add(name)
+                await self._warm(name)
                 log.info("event=adapter_ready name=%s path=%s", name, path)
 
             def ok(name: str | None) -> str | None:
@@ -350,9 +368,12 @@ class RolloutService:
     # the canary
 
     def judge_canary(self) -> list[str]:
-        """Promote or roll back the canary when both sides have enough samples; returns what
-        changed (nothing while paused, pinned or short of samples)."""
-        s = self.settings
+        """Promote or roll back the canary by the sequential rule of
+        :mod:`server.services.canary`; returns what changed (nothing while paused, pinned or
+        undecided). The decision and its evidence go to the audit trail (the transition's
+        reason) and onto the canary (``evaluation["canary"]``), in the same transaction as the
+        move."""
+        config = CanaryConfig.from_settings(self.settings)
         with self.session_factory() as session:
             state = get_rollout_state(session=session)
             canary = registry.canary_adapter(session=session)
@@ -364,41 +385,55 @@ class RolloutService:
                 or state.canary_started_at is None
             ):
                 return []
-            stats = {
-                st.adapter: st
-                for st in adapter_stats(
-                    session=session, since=state.canary_started_at, until=datetime.now(UTC)
-                )
+            now = datetime.now(UTC)
+            active_name = active.name if active else None
+            # Only completions served while the canary ran, on both sides.
+            counts = canary_counts(
+                session=session,
+                adapters=[canary.name, active_name],
+                since=state.canary_started_at,
+                until=now,
+            )
+            new, old = counts[canary.name], counts[active_name]
+            result = decide_canary(
+                {
+                    "acceptance": MetricCounts(new.accepted, new.shown, old.accepted, old.shown),
+                    "ci_pass": MetricCounts(new.passed, new.judged, old.passed, old.judged),
+                },
+                config,
+                hours=(now - state.canary_started_at).total_seconds() / 3600,
+            )
+            if result.action == "wait":
+                return []
+            canary.evaluation = {
+                **(canary.evaluation or {}),
+                "canary": {
+                    "decision": result.action,
+                    "reason": result.reason,
+                    "against": active_name,
+                    "since": state.canary_started_at.isoformat(),
+                    "until": now.isoformat(),
+                    "counts": {
+                        "canary": asdict(new),
+                        "active": asdict(old),
+                    },
+                    "evidence": result.evidence,
+                    "config": asdict(config),
+                },
             }
-            new, old = stats.get(canary.name), stats.get(active.name if active else None)
-            if new is None or old is None:
-                return []
-            verdicts: list[tuple[str, float, float]] = []
-            if min(new.shown, old.shown) >= s.rollout_min_samples:
-                verdicts.append(
-                    ("acceptance", new.acceptance_rate or 0.0, old.acceptance_rate or 0.0)
-                )
-            if min(new.with_outcome, old.with_outcome) >= s.rollout_min_samples:
-                verdicts.append(("ci_pass", new.ci_pass_rate or 0.0, old.ci_pass_rate or 0.0))
-            if not verdicts:
-                return []
-            summary = ", ".join(f"{m} {c:.3f} vs {a:.3f}" for m, c, a in verdicts)
-            worse = [m for m, c, a in verdicts if c < a - s.rollout_tolerance]
             try:
-                if worse:
-                    log.warning("event=canary_rollback name=%s %s", canary.name, summary)
+                if result.action == "rollback":
+                    log.warning("event=canary_rollback name=%s %s", canary.name, result.reason)
                     return rollback(
-                        session=session,
-                        actor="canary",
-                        reason=f"canary worse on {', '.join(worse)}: {summary}",
+                        session=session, actor="canary", reason=f"canary {result.reason}"
                     )
-                log.info("event=canary_promote name=%s %s", canary.name, summary)
+                log.info("event=canary_promote name=%s %s", canary.name, result.reason)
                 return promote(
                     session=session,
                     name=canary.name,
                     to="active",
                     actor="canary",
-                    reason=f"canary held up: {summary}",
+                    reason=f"canary {result.reason}",
                 )
             except (RolloutError, registry.TransitionError) as exc:
                 # Another replica decided first.
@@ -435,6 +470,29 @@ class RolloutService:
             raise ApiError(422, f"Adapter {name} refused: {exc}", code="adapter_refused") from exc
         self._managed.add(name)
         self._left_at[name] = time.monotonic()
+        await self._warm(name)
+
+    async def _warm(self, name: str) -> None:
+        """One token generated under a version just loaded, before any request is routed to it:
+        vLLM brings an adapter's weights into the running batch on its first request, and
+        without this a user's first canary requests pay for it (TTFT p99 1.73x steady state).
+        A failure here is logged, not fatal: the load itself succeeded."""
+        params = GenerationParams(max_tokens=1, temperature=0.0)
+        prompt = self.engine.tokenize("def") or [0]
+        request_id = f"warmup-{name}-{uuid.uuid4().hex[:8]}"
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(WARMUP_TIMEOUT_S):
+                async for _ in self.engine.generate(
+                    request_id=request_id, prompt_token_ids=prompt, params=params, adapter=name
+                ):
+                    pass
+        except Exception:
+            log.warning("event=adapter_warmup_failed name=%s", name, exc_info=True)
+            return
+        log.info(
+            "event=adapter_warmed name=%s ms=%.1f", name, (time.perf_counter() - started) * 1000
+        )
 
     def _path_of(self, name: str) -> str:
         with self.session_factory() as session:

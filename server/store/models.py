@@ -59,6 +59,18 @@ class SafeText(TypeDecorator[str]):
         return value.replace("\x00", "\ufffd") if value is not None else None
 
 
+class SafeString(TypeDecorator[str]):
+    """``String(n)`` for text that clients choose (languages, repositories, ids): NUL stored
+    as U+FFFD, as :class:`SafeText` does, so PostgreSQL never refuses the row. Lookups bind
+    through the same type, so a value with a NUL still finds its row."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return value.replace("\x00", "\ufffd") if value is not None else None
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -69,7 +81,7 @@ class ApiToken(Base):
     __tablename__ = "api_tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(SafeString(200))
     role: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     # The first characters of the secret, so a person can tell tokens apart in a listing.
@@ -97,7 +109,7 @@ class ApiTokenRepository(Base):
     token_id: Mapped[int] = mapped_column(
         ForeignKey("api_tokens.id", ondelete="CASCADE"), primary_key=True
     )
-    repository: Mapped[str] = mapped_column(String(512), primary_key=True)
+    repository: Mapped[str] = mapped_column(SafeString(512), primary_key=True)
 
     token: Mapped[ApiToken] = relationship(back_populates="repositories")
 
@@ -107,9 +119,9 @@ class ExcludedRepository(Base):
 
     __tablename__ = "excluded_repositories"
 
-    repository: Mapped[str] = mapped_column(String(512), primary_key=True)
+    repository: Mapped[str] = mapped_column(SafeString(512), primary_key=True)
     excluded_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
-    excluded_by: Mapped[str] = mapped_column(String(200))
+    excluded_by: Mapped[str] = mapped_column(SafeString(200))
     reason: Mapped[str] = mapped_column(SafeText(), default="")
 
 
@@ -122,7 +134,7 @@ class Completion(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     token_id: Mapped[int | None] = mapped_column(ForeignKey("api_tokens.id"), index=True)
     endpoint: Mapped[str] = mapped_column(String(16))  # "completions" | "chat"
-    model: Mapped[str] = mapped_column(String(200))  # what the client asked for
+    model: Mapped[str] = mapped_column(SafeString(200))  # what the client asked for
     adapter: Mapped[str | None] = mapped_column(String(200), index=True)  # None: base model
     prompt: Mapped[str] = mapped_column(SafeText())
     suffix: Mapped[str | None] = mapped_column(SafeText())
@@ -137,9 +149,13 @@ class Completion(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float] = mapped_column(Float)
-    language: Mapped[str | None] = mapped_column(String(64))
+    language: Mapped[str | None] = mapped_column(SafeString(64))
     file_path: Mapped[str | None] = mapped_column(SafeText())
     repository: Mapped[str | None] = mapped_column(SafeText())
+    # "serve": asked for by a client; "resample": an alternative CI asked for to explore a
+    # served completion's context (POST /v1/resample), whose served record is ``parent_id``.
+    source: Mapped[str] = mapped_column(String(16), default="serve", server_default="serve")
+    parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
     choices: Mapped[list[CompletionChoice]] = relationship(
         back_populates="completion", order_by="CompletionChoice.index", lazy="selectin"
@@ -167,7 +183,7 @@ class CompletionEvent(Base):
 
     __tablename__ = "completion_events"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # client-generated
+    id: Mapped[str] = mapped_column(SafeString(64), primary_key=True)  # client-generated
     completion_id: Mapped[str] = mapped_column(
         ForeignKey("completions.id", ondelete="CASCADE"), index=True
     )
@@ -189,7 +205,7 @@ class LedgerEntry(Base):
         ForeignKey("completions.id", ondelete="CASCADE"), primary_key=True
     )
     choice_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    repository: Mapped[str] = mapped_column(String(512), index=True)
+    repository: Mapped[str] = mapped_column(SafeString(512), index=True)
     file_path: Mapped[str] = mapped_column(SafeText())
     inserted_text: Mapped[str] = mapped_column(SafeText())
     current_text: Mapped[str] = mapped_column(SafeText())
@@ -204,10 +220,10 @@ class CiRun(Base):
 
     __tablename__ = "ci_runs"
 
-    run_id: Mapped[str] = mapped_column(String(256), primary_key=True)
-    repository: Mapped[str] = mapped_column(String(512), index=True)
-    commit: Mapped[str] = mapped_column(String(64))
-    branch: Mapped[str | None] = mapped_column(String(256))
+    run_id: Mapped[str] = mapped_column(SafeString(256), primary_key=True)
+    repository: Mapped[str] = mapped_column(SafeString(512), index=True)
+    commit: Mapped[str] = mapped_column(SafeString(64))
+    branch: Mapped[str | None] = mapped_column(SafeString(256))
     status: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -294,7 +310,7 @@ class AdapterTransition(Base):
     adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
-    actor: Mapped[str] = mapped_column(String(200))  # "trainer", "gate", "ops:<token name>"
+    actor: Mapped[str] = mapped_column(SafeString(200))  # "trainer", "gate", "ops:<token name>"
     reason: Mapped[str] = mapped_column(SafeText(), default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 

@@ -6,6 +6,10 @@ module, since an engine takes ~15 s to start on two cores.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,3 +98,68 @@ def tiny_server(
     app = create_app(settings)
     with live_server(app) as server:
         yield LiveServer(server=server, app=app, settings=settings, headers=headers)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """`kaizen serve` as a real process (the tiny model, loopback), with its log."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    env: dict[str, str]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        """Until /readyz answers 200. Generous: on a shared two-core machine another engine may
+        be compiling or serving at the same time, so a start can take several minutes."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, self.log()[-3000:]
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=10).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.5)
+
+
+def start_server_process(
+    world: TinyWorld, home: Path, db_url: str, log_name: str = "server.log", **env: str
+) -> ServerProcess:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "KAIZEN_HOME": str(home),
+        "KAIZEN_DATABASE_URL": db_url,
+        "KAIZEN_MODEL": str(world.model_dir),
+        "KAIZEN_SERVED_MODEL_NAME": "tiny",
+        "KAIZEN_PORT": str(port),
+        "KAIZEN_MAX_MODEL_LEN": "512",
+        "KAIZEN_KV_CACHE_GIB": "0.0625",
+        "KAIZEN_ENFORCE_EAGER": "true",
+        "KAIZEN_MAX_TOKENS_LIMIT": "256",
+        **env,
+    }
+    log_path = home / log_name
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve"],
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return ServerProcess(proc=proc, url=f"http://127.0.0.1:{port}", log_path=log_path, env=full_env)

@@ -124,3 +124,69 @@ def test_sigterm_drains_streams_and_records(tiny_world: TinyWorld, tmp_path: Pat
     db.dispose()
     assert rows == {cid: ("completed", 256) for cid, _, _ in results}
     assert "event=recorder_stopped written=4" in log_path.read_text()
+
+
+@pytest.mark.postgres
+def test_sigterm_during_a_database_outage_exits_and_the_next_start_writes_the_records(
+    tiny_world: TinyWorld, tmp_path: Path
+) -> None:
+    """It used to block until the database came back, so a supervisor's stop timeout (kill -9)
+    lost every answered record. Now it waits KAIZEN_RECORDER_DRAIN_SECONDS, leaves the records
+    in the journal and exits; the next start writes them, once."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from tests.integration.conftest import start_server_process
+    from tests.store.test_postgres import ADMIN_URL, _deny_connections
+
+    name = f"kaizen_test_{os.getpid()}_{int(time.time())}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"PostgreSQL at {ADMIN_URL} is not reachable: {exc}")
+    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    server = None
+    try:
+        upgrade(url)
+        db = make_engine(url)
+        with make_session_factory(db)() as session:
+            _, secret = create_token(session=session, name="ide", role=Role.IDE)
+        db.dispose()
+        headers = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "tiny", "prompt": "def f0():", "max_tokens": 8, "temperature": 0}
+        server = start_server_process(tiny_world, tmp_path, url, KAIZEN_RECORDER_DRAIN_SECONDS="2")
+        server.wait_ready()
+        first = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert first.status_code == 200, first.text
+        ids = [first.json()["id"]]
+        _deny_connections(name, True)
+        for _ in range(3):
+            r = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=60)
+            assert r.status_code == 200, r.text  # the token was verified before the outage
+            ids.append(r.json()["id"])
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(120) in (0, -signal.SIGTERM), server.log()[-3000:]
+        log = server.log()
+        assert "event=recorder_drain_timeout" in log and "left_in_journal=" in log, log[-3000:]
+        assert list((tmp_path / "journal").glob("records-*.jsonl"))
+
+        _deny_connections(name, False)
+        server = start_server_process(tiny_world, tmp_path, url, log_name="second.log")
+        server.wait_ready()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(120)
+        assert "event=journal_replay" in server.log()
+        db = make_engine(url)
+        with make_session_factory(db)() as session:
+            stored = set(session.scalars(select(Completion.id)))
+        db.dispose()
+        assert stored == set(ids)
+    finally:
+        if server is not None and server.proc.poll() is None:
+            server.proc.kill()
+        _deny_connections(name, False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -167,3 +167,112 @@ def test_text_with_nul_characters_is_recorded(pg_url: str, tmp_path) -> None:  #
         choice = conn.execute(text("SELECT text FROM completion_choices")).scalar()
     engine.dispose()
     assert prompt == "p\ufffdq" and choice == "a\ufffdb"
+
+
+def test_nul_in_strings_chosen_by_clients_is_stored(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A NUL in context.language once left the row only in the log (the client got 200), and
+    one in a ledger repository was a 500: both are stored, with U+FFFD for the NUL."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    with make_session_factory(engine)() as session:
+        _, secret = create_token(session=session, name="ide", role=Role.IDE)
+    headers = {"Authorization": f"Bearer {secret}"}
+    settings = Settings(_env_file=None, home=tmp_path, database_url=pg_url)  # type: ignore[call-arg]
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        r = client.post(
+            "/v1/completions",
+            headers=headers,
+            json={
+                "model": "fake-model",
+                "prompt": "p",
+                "max_tokens": 3,
+                "context": {"language": "py\x00thon"},
+            },
+        )
+        assert r.status_code == 200, r.text
+        cid = r.json()["id"]
+        client.portal.call(client.app.state.recorder.flush)  # type: ignore[attr-defined]
+        assert client.app.state.recorder.rejected == 0  # type: ignore[attr-defined]
+        entry = {
+            "completion_id": cid,
+            "repository": "github.com/a/\x00b",
+            "file_path": "f.py",
+            "inserted_text": "x",
+            "current_text": "x",
+            "updated_at": "2026-12-02T06:00:00Z",
+        }
+        put = client.put("/v1/ledger", headers=headers, json={"entries": [entry]})
+        assert put.status_code == 200, put.text
+    with engine.connect() as conn:
+        language = conn.execute(text("SELECT language FROM completions")).scalar()
+        repository = conn.execute(text("SELECT repository FROM ledger_entries")).scalar()
+    engine.dispose()
+    assert language == "py\ufffdthon" and repository == "github.com/a/\ufffdb"
+
+
+def _deny_connections(name: str, deny: bool) -> None:
+    """An outage of one database on the shared server: refuse new sessions, end the open ones."""
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(not deny).lower()}'))
+        if deny:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+    admin.dispose()
+
+
+def test_an_outage_keeps_serving_and_loses_no_record(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL refuses connections for a while: a recently seen token keeps completing (it
+    was a 500 for everyone once the token cache expired), feedback answers 503 at once, and
+    every answered completion is stored exactly once after the database is back."""
+    upgrade(pg_url)
+    name = make_url(pg_url).database
+    assert name is not None
+    engine = make_engine(pg_url)
+    with make_session_factory(engine)() as session:
+        _, secret = create_token(session=session, name="ide", role=Role.IDE)
+        _, unseen = create_token(session=session, name="other", role=Role.IDE)
+    engine.dispose()
+    headers = {"Authorization": f"Bearer {secret}"}
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, home=tmp_path, database_url=pg_url, auth_cache_seconds=0
+    )
+    body = {"model": "fake-model", "prompt": "p", "max_tokens": 3}
+    ids: list[str] = []
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        client.app.state.recorder._retry_delay = 0.1  # type: ignore[attr-defined]
+        r = client.post("/v1/completions", headers=headers, json=body)
+        ids.append(r.json()["id"])
+        _deny_connections(name, True)
+        try:
+            for i in range(6):
+                r = client.post(
+                    "/v1/completions", headers=headers, json={**body, "stream": i % 2 == 0}
+                )
+                assert r.status_code == 200, r.text
+                ids.append(
+                    r.text.split('"id":"', 1)[1].split('"', 1)[0] if i % 2 == 0 else r.json()["id"]
+                )
+            other = client.post(
+                "/v1/completions", headers={"Authorization": f"Bearer {unseen}"}, json=body
+            )
+            assert other.status_code == 503 and "retry-after" in other.headers
+            event = {"id": "event-0001", "completion_id": ids[0], "type": "shown",
+                     "timestamp": "2026-12-02T06:00:00Z"}  # fmt: skip
+            feedback = client.post("/v1/events", headers=headers, json={"events": [event]})
+            assert feedback.status_code == 503 and "retry-after" in feedback.headers
+            ready = client.get("/readyz").json()
+            assert ready["dependencies"]["database"] == "unavailable", ready
+        finally:
+            _deny_connections(name, False)
+        client.portal.call(client.app.state.recorder.flush)  # type: ignore[attr-defined]
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        stored = list(conn.execute(text("SELECT id FROM completions")).scalars())
+    engine.dispose()
+    assert sorted(stored) == sorted(ids) and len(stored) == 7
