@@ -43,6 +43,11 @@ def _private_sqlite_file(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
+# Seconds a PostgreSQL connection attempt may take (libpq's connect_timeout); a URL that sets
+# ?connect_timeout=N keeps its own.
+PG_CONNECT_TIMEOUT_S = 5
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, and its file (0600) and parent
     directories (0700) created for this user only."""
@@ -62,7 +67,12 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    connect_args: dict[str, object] = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        # A database host that stops answering (rather than refusing) would otherwise hold
+        # every connection attempt for the kernel's TCP timeout: minutes of hung requests.
+        connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -276,3 +276,29 @@ def test_an_outage_keeps_serving_and_loses_no_record(pg_url: str, tmp_path) -> N
         stored = list(conn.execute(text("SELECT id FROM completions")).scalars())
     engine.dispose()
     assert sorted(stored) == sorted(ids) and len(stored) == 7
+
+
+
+@pytest.mark.timeout(60)
+def test_postgres_connections_give_up_when_the_server_stops_answering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A database host that accepts TCP but never answers (a hung server, a dead proxy) must
+    fail the connection after the connect timeout, not hold the request for minutes."""
+    import socket
+
+    from sqlalchemy.exc import OperationalError
+
+    import server.store.db as db
+
+    monkeypatch.setattr(db, "PG_CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:  # the kernel completes handshakes; nobody ever replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        engine = db.make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+        try:
+            with pytest.raises(OperationalError, match="timeout"), engine.connect():
+                pass
+        finally:
+            engine.dispose()
