@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -31,6 +32,10 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(db_app, name="db")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(rollout_app, name="rollout")
+repos_app = typer.Typer(
+    help="Repositories whose records never become training data.", no_args_is_help=True
+)
+app.add_typer(repos_app, name="repos")
 
 
 def _setup_logging(level: str) -> None:
@@ -96,39 +101,84 @@ def model_prepare() -> None:
 @tokens_app.command("create")
 def tokens_create(
     role: str = typer.Option(..., help="ide, ci or ops."),
-    name: str = typer.Option(..., help="Who or what uses it."),
+    name: str = typer.Option(
+        ...,
+        help="Who or what uses it. ide tokens with the same name are one owner: they share "
+        "their completions' events and ledger entries (a replacement token, a second machine).",
+    ),
+    repo: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--repo",
+            help="ci only, repeatable: a repository the token may read ledgers of and report on "
+            "(github.com/acme/app, or a clone URL; normalised like the extension's origin).",
+        ),
+    ] = None,
+    all_repos: bool = typer.Option(
+        False,
+        "--all-repos",
+        help="ci only: every repository (a single-team install where one CI token is shared).",
+    ),
 ) -> None:
     """Create a token and print its secret (shown only this once)."""
     from server.store.db import make_engine, make_session_factory
-    from server.store.tokens import Role, create_token
+    from server.store.tokens import Role, TokenScopeError, create_token, describe_scope
 
     try:
         parsed = Role(role)
     except ValueError:
         _fail(f"unknown role {role!r}; use one of: {', '.join(r.value for r in Role)}")
+    repositories = list(repo or [])
+    if parsed is Role.CI and not repositories and not all_repos:
+        _fail(
+            "a ci token needs a scope: pass --repo github.com/acme/app (repeatable) for the "
+            "repositories whose CI uses it, or --all-repos on a single-team install"
+        )
+    if repositories and all_repos:
+        _fail("pass either --repo or --all-repos, not both")
+    if parsed is not Role.CI and (repositories or all_repos):
+        _fail(
+            f"--repo and --all-repos are for ci tokens; a {parsed.value} token is not scoped to "
+            "repositories (ide tokens reach their owner's completions, ops tokens everything)"
+        )
     engine = make_engine(get_settings().database_url)
-    with make_session_factory(engine)() as session:
-        _, secret = create_token(session=session, name=name, role=parsed)
-    engine.dispose()
-    typer.echo(secret)
+    try:
+        with make_session_factory(engine)() as session:
+            token, secret = create_token(
+                session=session,
+                name=name,
+                role=parsed,
+                repositories=repositories if parsed is Role.CI and not all_repos else None,
+            )
+            scope = describe_scope(token)
+    except TokenScopeError as exc:
+        _fail(str(exc))
+    finally:
+        engine.dispose()
+    typer.echo(secret)  # alone on stdout, so that scripts can capture it
+    typer.echo(f"token {token.id} ({parsed.value}, {name}) may touch: {scope}", err=True)
 
 
 @tokens_app.command("list")
 def tokens_list(all_: bool = typer.Option(False, "--all", help="Include revoked tokens.")) -> None:
-    """List tokens (never their secrets)."""
+    """List tokens (never their secrets) with what each may touch."""
     from server.store.db import make_engine, make_session_factory
-    from server.store.tokens import list_tokens
+    from server.store.tokens import describe_scope, list_tokens
 
     engine = make_engine(get_settings().database_url)
     with make_session_factory(engine)() as session:
-        rows = list_tokens(session=session, include_revoked=all_)
+        rows = [(t, describe_scope(t)) for t in list_tokens(session=session, include_revoked=all_)]
     engine.dispose()
-    typer.echo(f"{'id':>4}  {'role':<4}  {'prefix':<10}  {'created':<20}  {'revoked':<20}  name")
-    for t in rows:
+    typer.echo(
+        f"{'id':>4}  {'role':<4}  {'prefix':<10}  {'created':<20}  {'revoked':<20}  "
+        f"{'name':<16}  scope"
+    )
+    for t, scope in rows:
         revoked = t.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if t.revoked_at else "-"
         typer.echo(
             f"{t.id:>4}  {t.role:<4}  {t.prefix:<10}  "
-            f"{t.created_at.strftime('%Y-%m-%d %H:%M:%S'):<20}  {revoked:<20}  {t.name}"
+            f"{t.created_at.strftime('%Y-%m-%d %H:%M:%S'):<20}  {revoked:<20}  "
+            f"{t.name:<16}  {scope}"
         )
 
 
@@ -200,9 +250,15 @@ def train(
         settings = settings.model_copy(update={"train_auto_gate": gate})
     _setup_logging(settings.log_level)
     assert settings.rounds_dir is not None
-    config = TrainConfig(max_steps=max_steps if max_steps is not None else settings.train_max_steps)
+    config = TrainConfig(
+        max_steps=max_steps if max_steps is not None else settings.train_max_steps,
+        max_length=settings.max_model_len,  # one budget: the serving context
+    )
     options = RoundOptions(
-        n_resample=resample if resample is not None else settings.train_resample, select=select
+        n_resample=resample if resample is not None else settings.train_resample,
+        select=select,
+        max_token_share=settings.train_max_token_share,
+        max_fix_distance=settings.train_max_fix_distance,
     )
     run = round_runner(settings, config=config, options=options, parent=parent, dry_run=dry_run)
     if watch:
@@ -213,6 +269,7 @@ def train(
             schedule=Schedule(settings.train_min_new_records, settings.train_interval_hours),
             run=run,
             poll_seconds=settings.train_poll_seconds,
+            retention_days=settings.retention_days,
         )
         try:
             worker.run_forever()
@@ -260,6 +317,9 @@ def train(
 def gate_command(
     name: str = typer.Argument(..., help="A candidate adapter (see `kaizen adapters list`)."),
     limit: int = typer.Option(None, help="Tasks per suite (default: KAIZEN_GATE_LIMIT; 0: all)."),
+    samples: int = typer.Option(
+        None, min=1, help="Completions per task and side (default: KAIZEN_GATE_SAMPLES)."
+    ),
     canary: bool = typer.Option(False, "--canary", help="If approved, make it the canary."),
 ) -> None:
     """Evaluate a candidate against the active adapter and approve or reject it."""
@@ -270,6 +330,8 @@ def gate_command(
     settings = get_settings()
     if limit is not None:
         settings = settings.model_copy(update={"gate_limit": limit})
+    if samples is not None:
+        settings = settings.model_copy(update={"gate_samples": samples})
     _setup_logging(settings.log_level)
     model_dir = resolve_model_dir(settings)
     db = make_engine(settings.database_url)
@@ -515,6 +577,70 @@ def rollout_set(
         return [f"{k} = {v}" for k, v in fields.items()]
 
     _rollout_call(work)
+
+
+@repos_app.command("exclude")
+def repos_exclude(
+    repository: str = typer.Argument(..., help="host/owner/name or the clone URL."),
+    reason: str = typer.Option("", help="Why (kept with the exclusion)."),
+) -> None:
+    """Exclude a repository from training; the next round leaves its records out."""
+    from server.store.db import make_engine, make_session_factory
+    from server.store.governance import exclude_repository
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            row = exclude_repository(
+                session=session, repository=repository, actor=_CLI_ACTOR, reason=reason
+            )
+            name = row.repository
+    except ValueError as exc:
+        _fail(f"{exc}; give the repository as host/owner/name (github.com/acme/app)")
+    finally:
+        engine.dispose()
+    typer.echo(f"excluded {name} from training (from the next round on)")
+
+
+@repos_app.command("include")
+def repos_include(
+    repository: str = typer.Argument(..., help="host/owner/name or clone URL."),
+) -> None:
+    """Let an excluded repository's records train again."""
+    from server.store.db import make_engine, make_session_factory
+    from server.store.governance import include_repository
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            found = include_repository(session=session, repository=repository)
+    except ValueError as exc:
+        _fail(f"{exc}; give the repository as host/owner/name (github.com/acme/app)")
+    finally:
+        engine.dispose()
+    if not found:
+        _fail(f"{repository} is not excluded (see `kaizen repos list`)")
+    typer.echo(f"{repository} trains again (from the next round on)")
+
+
+@repos_app.command("list")
+def repos_list() -> None:
+    """Repositories excluded from training."""
+    from server.store.db import make_engine, make_session_factory
+    from server.store.governance import list_excluded
+
+    engine = make_engine(get_settings().database_url)
+    with make_session_factory(engine)() as session:
+        rows = [
+            (r.repository, r.excluded_at, r.excluded_by, r.reason)
+            for r in list_excluded(session=session)
+        ]
+    engine.dispose()
+    if not rows:
+        typer.echo("no repository is excluded from training")
+        return
+    for name, at, by, why in rows:
+        typer.echo(f"{name}  excluded {at:%Y-%m-%d %H:%M} by {by}" + (f": {why}" if why else ""))
 
 
 @db_app.command("upgrade")

@@ -60,10 +60,100 @@ class Settings(BaseSettings):
     )
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a client may ask.")
     max_n: int = Field(8, ge=1, description="Largest `n` (choices per request).")
+    clamp_max_tokens: bool = Field(
+        False,
+        description="Lower a max_tokens that does not fit to what fits instead of refusing it "
+        "(per request: `clamp_max_tokens: true`). For clients with a fixed large max_tokens "
+        "(Continue sends 4096).",
+    )
+
+    # --- editor clients that speak their own protocol (server/api/routes/tabby.py, continue_sink)
+    tabby_max_tokens: int = Field(
+        64, ge=1, description="max_tokens of a Tabby completion (Tabby's own default is 64)."
+    )
+    tabby_temperature: float = Field(
+        0.1,
+        ge=0,
+        le=2,
+        description="Temperature of a Tabby completion that sends none (Tabby's default: 0.1).",
+    )
+    continue_match_window_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="How far back a Continue data event looks for the completion it is about.",
+    )
+    continue_repository_host: str = Field(
+        "github.com",
+        description="Host put before Continue's `gitRepo` (it sends only owner/name) to make "
+        "the repository id CI uses (github.com/owner/name).",
+    )
     auth_cache_seconds: float = Field(
         10.0, ge=0, description="How long a token check is cached (revocation delay)."
     )
+    auth_outage_grace_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="While the database is unreachable, a token verified within this many "
+        "seconds keeps working; others get 503 with Retry-After.",
+    )
+    auth_outage_cache_size: int = Field(
+        10_000, ge=1, description="Most tokens remembered for the outage grace."
+    )
+
+    # --- records: the local journal (no acknowledged record is lost)
+    journal_dir: Path | None = Field(
+        None,
+        description="Where acknowledged records wait for the database (fsynced segments, "
+        "mode 0600); default $KAIZEN_HOME/journal. Replayed at start.",
+    )
+    recorder_drain_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On shutdown, how long to wait for the database to take queued records "
+        "before leaving them in the journal for the next start.",
+    )
+
+    # --- CPU cores for vLLM on the CPU (VLLM_CPU_OMP_THREADS_BIND, if set, wins)
+    cpu_cores: str = Field(
+        "auto",
+        description="Cores the server's engine binds its threads to, e.g. '0-7' or '0,2,4'; "
+        "'auto': every core this process may use, or the lower half with "
+        "KAIZEN_CPU_SHARED_WITH_TRAINER.",
+    )
+    trainer_cpu_cores: str = Field(
+        "auto",
+        description="Cores the trainer's generator binds to; 'auto': every core, or the "
+        "upper half with KAIZEN_CPU_SHARED_WITH_TRAINER.",
+    )
+    cpu_shared_with_trainer: bool = Field(
+        False,
+        description="The server and the trainer's generator run on this host: 'auto' cores "
+        "are split between them instead of both taking all.",
+    )
     log_level: str = "info"
+
+    # --- limits (per replica: each server process keeps its own counters)
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="Largest request body; a larger one is refused with 413."
+    )
+    prompt_chars_per_token: float = Field(
+        16.0,
+        gt=0,
+        description="Prompts longer than the context length times this many characters are "
+        "refused before tokenising (code averages 3-4 characters per token).",
+    )
+    rate_limit_per_minute: float = Field(
+        3000.0, ge=0, description="Requests per minute per token, sustained (0: no limit)."
+    )
+    rate_limit_burst: int = Field(
+        500, ge=1, description="Requests a token may send at once before the rate applies."
+    )
+    max_concurrent_per_token: int = Field(
+        64, ge=0, description="Requests in flight per token, streams included (0: no limit)."
+    )
+    public_docs: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json without a token."
+    )
 
     # --- rollout (registry -> engine; canary; rollback)
     rollout_poll_seconds: float = Field(
@@ -75,8 +165,25 @@ class Settings(BaseSettings):
         description="Per side, before a canary is judged: shown completions for the "
         "acceptance rate, CI verdicts for the pass rate.",
     )
-    rollout_tolerance: float = Field(
-        0.02, ge=0, description="How far below the active version a canary's rates may be."
+    canary_regression_points: float = Field(
+        5.0,
+        gt=0,
+        lt=100,
+        description="The canary's sequential test: the loss (points of acceptance or CI pass "
+        "rate) it must catch.",
+    )
+    canary_alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Chance of promoting a canary that much worse."
+    )
+    canary_beta: float = Field(
+        0.2, gt=0, lt=0.5, description="Chance, per metric, of rolling back an equal canary."
+    )
+    canary_min_hours: float = Field(1.0, ge=0, description="No canary decision before this.")
+    canary_max_hours: float = Field(
+        72.0, gt=0, description="A canary is decided by this (fixed-sample bound if undecided)."
+    )
+    canary_max_samples: int = Field(
+        5000, ge=1, description="...or once the canary has shown this many completions."
     )
     rollout_unload_grace_seconds: float = Field(
         30.0, ge=0, description="How long a version that left the routing stays loaded."
@@ -106,14 +213,53 @@ class Settings(BaseSettings):
         description="After a round, run the gate on its candidate and, if approved and "
         "automatic rollout is on, make it the canary.",
     )
+    train_max_token_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a round's pairs one CI token's reports may be behind "
+        "(1: no cap).",
+    )
+    train_max_fix_distance: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Largest normalised edit distance of a fix from the served text.",
+    )
+    retention_days: float = Field(
+        0,
+        ge=0,
+        description="Delete completions, their feedback and CI runs older than this many days "
+        "(the trainer's worker prunes); 0 keeps them forever.",
+    )
 
     # --- the evaluation gate
     mbpp_path: Path | None = Field(
-        None, description="MBPP+ jsonl for the gate's mbpp_dev suite; unset: that suite is skipped."
+        None,
+        description="MBPP+ jsonl (plain or gzipped) for the gate's mbpp_dev suite; unset: the "
+        "copy bundled with Kaizen.",
     )
     gate_limit: int = Field(0, ge=0, description="Tasks per gate suite (0: all); for CPU hosts.")
     gate_margin_points: float = Field(
-        1.0, ge=0, description="Pooled pass@1 gain (points) a candidate needs over the active one."
+        0.0, ge=0, description="The pooled gain's lower bound must exceed this (points)."
+    )
+    gate_samples: int = Field(
+        16, ge=1, description="Completions per task and side (16: 80% power at +5 points)."
+    )
+    gate_temperature: float = Field(
+        0.8, ge=0, description="Sampling temperature of the gate's completions."
+    )
+    gate_family_alpha: float = Field(
+        0.04,
+        gt=0,
+        lt=1,
+        description="Chance of any false approval over KAIZEN_GATE_ROUNDS consecutive gatings.",
+    )
+    gate_rounds: int = Field(
+        10, ge=1, description="Gatings the family alpha covers (each tests at alpha/rounds)."
+    )
+    gate_ni_points: float = Field(
+        5.0, ge=0, description="No suite's (recorded included) lower bound below -this (points)."
     )
 
     @field_validator("home", mode="after")
@@ -129,6 +275,8 @@ class Settings(BaseSettings):
             self.model_cache = self.home / "models"
         if self.rounds_dir is None:
             self.rounds_dir = self.home / "rounds"
+        if self.journal_dir is None:
+            self.journal_dir = self.home / "journal"
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(
                 "KAIZEN_DEFAULT_MAX_TOKENS must not exceed KAIZEN_MAX_TOKENS_LIMIT "

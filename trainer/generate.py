@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 from server.engine.adapters import read_adapter_rank
-from server.engine.vllm_engine import scheduler_args
+from server.engine.vllm_engine import apply_cpu_binding, install_process_guard, scheduler_args
 from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
 
 __all__ = [
+    "GeneratedChoice",
     "GenerationRequest",
     "HfTokens",
     "PreparedRequest",
@@ -41,6 +42,16 @@ class GenerationRequest:
     prompt: str  # text before the cursor, or the whole plain prompt
     suffix: str | None = None  # text after the cursor (fill-in-the-middle); None: plain
     single_line: bool = False  # stop at the end of the line (as the server's `single_line`)
+    # The served request's stop strings (recorded ones already hold the suffix's and the
+    # single-line stop; duplicates are dropped) and its max_tokens (None: the call's).
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedChoice:
+    text: str
+    finish_reason: str | None  # "stop" (a stop string or token, or the end) | "length"
 
 
 @dataclass(frozen=True)
@@ -99,10 +110,11 @@ def prepare_request(
         text = request.prompt
     if request.single_line:
         stop.append("\n")
+    stop += [s for s in request.stop if s]
     ids = (tokens.special_token_id(t) for t in FIM_END_TOKENS)
     return PreparedRequest(
         prompt_token_ids=tokens.tokenize(text),
-        stop=stop,
+        stop=list(dict.fromkeys(stop)),  # in order, each once
         stop_token_ids=[i for i in ids if i is not None],
     )
 
@@ -129,9 +141,15 @@ class VllmGenerator:
         dtype: str = "bfloat16",
         enforce_eager: bool = False,
         seed: int = 0,
+        cpu_cores: str | None = None,
+        cpu_shared: bool | None = None,
     ) -> None:
+        """``cpu_cores``/``cpu_shared``: the CPU cores vLLM binds to on a CPU host (default:
+        ``KAIZEN_TRAINER_CPU_CORES`` and ``KAIZEN_CPU_SHARED_WITH_TRAINER``)."""
         from transformers import AutoTokenizer
         from vllm import LLM
+
+        from server.config import get_settings
 
         if kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be positive: {kv_cache_gib}")
@@ -142,6 +160,14 @@ class VllmGenerator:
         self._adapters: dict[Path, LoRARequest] = {}
         self._ids = itertools.count(1)  # adapter ids (and names) are never reused
         log.info("event=generator_starting dir=%s", self.model_dir)
+        # The engine core dies with this process (a killed worker leaves no GBs behind), and on
+        # a CPU host it keeps off the server's cores.
+        install_process_guard()
+        if cpu_cores is None or cpu_shared is None:
+            settings = get_settings()
+            cpu_cores = settings.trainer_cpu_cores if cpu_cores is None else cpu_cores
+            cpu_shared = settings.cpu_shared_with_trainer if cpu_shared is None else cpu_shared
+        apply_cpu_binding(cpu_cores, role="trainer", shared=cpu_shared)
         # An explicit KV cache size: on the CPU it also skips the worker's warm-up pass, on a GPU
         # it keeps vLLM from taking most of the memory the training step beside it needs.
         self._llm: LLM | None = LLM(
@@ -223,10 +249,37 @@ class VllmGenerator:
         seed: int | None = 0,
         progress: bool = False,
     ) -> list[list[str]]:
-        """``n`` completions of each request, in order (one list per request).
+        """``n`` completions of each request, in order (one list per request); see
+        :meth:`generate_choices`, which also says how each one ended."""
+        rows = self.generate_choices(
+            requests,
+            adapter=adapter,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            progress=progress,
+        )
+        return [[choice.text for choice in row] for row in rows]
 
-        A prompt too long for ``max_model_len`` gets ``max_tokens`` cut to what fits; one that
-        leaves no room at all gets ``n`` empty strings (and a warning in the log). ``seed`` seeds
+    def generate_choices(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        adapter: str | Path | None = None,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = 0,
+        progress: bool = False,
+    ) -> list[list[GeneratedChoice]]:
+        """``n`` completions of each request with their finish reasons, in order.
+
+        ``max_tokens`` applies where a request sets none. A prompt too long for
+        ``max_model_len`` gets ``max_tokens`` cut to what fits; one that leaves no room at all
+        gets ``n`` empty texts ending in ``"length"`` (and a warning in the log). ``seed`` seeds
         every request alike, so a request's samples do not depend on the rest of the batch.
         Raises ValueError, before anything runs, for an empty request, a suffix the model
         cannot infill, or an unusable adapter (no ``adapter_config.json``, rank too high).
@@ -241,7 +294,8 @@ class VllmGenerator:
                 f"n and max_tokens must be at least 1 (n={n}, max_tokens={max_tokens})"
             )
         lora = self._lora(adapter)
-        results: list[list[str]] = [[""] * n for _ in requests]
+        # A prompt with no room gives empty texts that ran out of tokens: never answers.
+        results = [[GeneratedChoice("", "length")] * n for _ in requests]
         prompts: list[TokensPrompt] = []
         params: list[SamplingParams] = []
         slots: list[int] = []
@@ -262,7 +316,7 @@ class VllmGenerator:
                     n=n,
                     temperature=temperature,
                     top_p=top_p,
-                    max_tokens=min(max_tokens, room),
+                    max_tokens=min(request.max_tokens or max_tokens, room),
                     stop=prepared.stop or None,
                     stop_token_ids=prepared.stop_token_ids or None,
                     seed=seed,
@@ -273,8 +327,8 @@ class VllmGenerator:
             return results
         outputs = self._llm.generate(prompts, params, use_tqdm=progress, lora_request=lora)
         for slot, output in zip(slots, outputs, strict=True):
-            texts = [""] * n
+            row = [GeneratedChoice("", None)] * n
             for choice in output.outputs:
-                texts[choice.index] = choice.text
-            results[slot] = texts
+                row[choice.index] = GeneratedChoice(choice.text, choice.finish_reason)
+            results[slot] = row
         return results
