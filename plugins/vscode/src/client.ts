@@ -7,7 +7,7 @@ export type Fetch = (input: string, init: RequestInit) => Promise<Response>;
 export type ErrorKind =
   | "aborted" // the caller cancelled (the user typed on)
   | "transient" // network, time-out, 5xx, 429: retry later
-  | "auth" // 401/403: retry later, tell the user
+  | "auth" // 401/403: retry later, tell the user (but see "refused_completion" below)
   | "unknown_completion" // 404 naming only completions the server does not know
   | "rejected"; // 400/413/422: this batch will never be accepted as it is
 
@@ -38,6 +38,11 @@ export class KaizenError extends Error {
 function kindOfStatus(status: number | undefined, code: string | undefined): ErrorKind {
   if (status === undefined) {
     return "transient";
+  }
+  if (status === 403 && code === "refused_completion") {
+    // Every item named another owner's completion (another developer's, or one received under
+    // a token of another name): no retry will change that, so the senders drop it like a 400.
+    return "rejected";
   }
   if (status === 401 || status === 403) {
     return "auth";

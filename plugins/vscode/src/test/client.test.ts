@@ -33,6 +33,7 @@ describe("KaizenClient with a scripted fetch", () => {
     const cases: [Response, string, string | undefined, string][] = [
       [json({ error: { message: "Invalid or revoked token.", type: "authentication_error", param: null, code: null } }, 401), "Invalid or revoked token.", undefined, "auth"],
       [json({ error: { message: "Role ide may not do this.", type: "permission_error" } }, 403), "Role ide may not do this.", undefined, "auth"],
+      [json({ error: { message: "No event was stored. Refused 1 (not_owner).", code: "refused_completion" } }, 403), "No event was stored. Refused 1 (not_owner).", "refused_completion", "rejected"],
       [json({ error: { message: "No event names a completion this server knows: cmpl-x.", code: "unknown_completion" } }, 404), "No event names a completion this server knows: cmpl-x.", "unknown_completion", "unknown_completion"],
       [json({ error: { message: "Invalid request: 'events': too long.", code: null } }, 400), "Invalid request: 'events': too long.", undefined, "rejected"],
       [json({ error: { message: "The model is loading.", code: "engine_not_ready" } }, 503, { "Retry-After": "5" }), "The model is loading.", "engine_not_ready", "transient"],

@@ -9,15 +9,21 @@ import { PutEntries, RepositoryLedger } from "../ledgerStore";
 import { FakeTimers } from "./helpers";
 
 const base = mkdtempSync(path.join(tmpdir(), "kaizen-ledger-"));
+const stores: RepositoryLedger[] = [];
 // A save a test started without awaiting may still be writing here when the suite ends
-// (ENOTEMPTY seen on a loaded machine): retry the removal rather than fail the run.
-after(() => rmSync(base, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 }));
+// (ENOTEMPTY seen on a loaded machine, even with removal retries): wait for every store's
+// writes to settle first, then remove, still retrying for writes of stores made elsewhere.
+after(async () => {
+  await Promise.allSettled(stores.map((s) => s.save()));
+  rmSync(base, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 });
+});
 let counter = 0;
 
 function setup(put: PutEntries = async () => ({}), options: Partial<ConstructorParameters<typeof RepositoryLedger>[0]> = {}) {
   const root = path.join(base, `repo-${++counter}`);
   const timers = new FakeTimers();
   const store = new RepositoryLedger({ root, repository: "github.com/acme/app", put, timers, saveDelayMs: 100, pushIntervalMs: 1_000, ...options });
+  stores.push(store);
   const accept = (id: string, text = "return a + b", offset = 0) =>
     store.ledger.accept({ completion_id: id, repository: "github.com/acme/app", file_path: "src/util.py", text, start_offset: offset });
   const file = path.join(root, ".kaizen", "ledger.jsonl");
