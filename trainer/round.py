@@ -200,7 +200,10 @@ def _save_json(path: Path, payload: Any) -> None:
 
 
 def _batch_resampler(
-    get_generator: Callable[[], Generator], adapter: Path | None, options: RoundOptions
+    get_generator: Callable[[], Generator],
+    adapter: Path | None,
+    options: RoundOptions,
+    counts: dict[str, int] | None = None,
 ) -> Callable[[Sequence[ResampleAsk], int], list[list[str]]]:
     """Samples as the user was served: the recorded ``single_line``, stop strings and
     ``max_tokens`` (the round's ``resample_max_tokens`` where none was recorded). Samples cut
@@ -230,10 +233,14 @@ def _batch_resampler(
         choices = getattr(generator, "generate_choices", None)
         if choices is None:  # a generator that cannot say how a sample ended
             return generator.generate(requests, **kwargs)
-        return [
-            [c.text for c in row if c.finish_reason != "length"]
-            for row in choices(requests, **kwargs)
-        ]
+        rows = choices(requests, **kwargs)
+        kept = [[c.text for c in row if c.finish_reason != "length"] for row in rows]
+        if counts is not None:  # shown in the funnel: a model that never ends gives no pairs
+            counts["samples"] = counts.get("samples", 0) + sum(len(row) for row in rows)
+            counts["samples_cut_off"] = counts.get("samples_cut_off", 0) + sum(
+                len(row) - len(k) for row, k in zip(rows, kept, strict=True)
+            )
+        return kept
 
     return resample
 
@@ -257,8 +264,9 @@ def _build_pairs_stage(
             generator = generator_factory()
         return generator
 
+    resampled: dict[str, int] = {"samples": 0, "samples_cut_off": 0}
     resample = (
-        _batch_resampler(get_generator, parent_dir, options)
+        _batch_resampler(get_generator, parent_dir, options, resampled)
         if generator_factory is not None and options.n_resample > 0
         else None
     )
@@ -287,7 +295,12 @@ def _build_pairs_stage(
     return {
         "pairs": [asdict(p) for p in fitted.pairs],
         "info": {p.id: asdict(built.info[p.id]) for p in fitted.pairs},
-        "funnel": {**built.funnel, "fit": fitted.funnel, "pairs_fitted": len(fitted.pairs)},
+        "funnel": {
+            **built.funnel,
+            "resampling": resampled,
+            "fit": fitted.funnel,
+            "pairs_fitted": len(fitted.pairs),
+        },
         "dropped_records": built.dropped_records,
     }
 

@@ -191,19 +191,26 @@ def apply_cpu_binding(spec: str, *, role: str, shared: bool) -> str | None:
         return None
     global _bind_we_set
     operator = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    if operator is not None and operator != _bind_we_set:
+    # A value a Kaizen process up the tree chose (and its children inherited) is not the
+    # operator's: this engine chooses its own cores.
+    inherited = os.environ.get(_INHERITED_BIND_ENV)
+    if operator is not None and operator not in (_bind_we_set, inherited):
         log.info(
             "event=cpu_binding role=%s cores=%s source=VLLM_CPU_OMP_THREADS_BIND", role, operator
         )
         return operator
     cores = choose_cores(spec, role=role, shared=shared, available=usable_cores())
     bind = ",".join(str(c) for c in cores)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind_we_set = bind
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = os.environ[_INHERITED_BIND_ENV] = _bind_we_set = bind
     log.info("event=cpu_binding role=%s cores=%s shared=%s", role, bind, shared)
     return bind
 
 
 _bind_we_set: str | None = None  # what apply_cpu_binding put in the environment, if anything
+# Marks VLLM_CPU_OMP_THREADS_BIND as Kaizen's choice for the processes it starts (the tests start
+# servers from a process that ran engines; a deployment may start the trainer from the server's
+# host shell), so a child Kaizen process does not take it for the operator's setting.
+_INHERITED_BIND_ENV = "KAIZEN_INHERITED_CPU_BIND"
 
 
 def scheduler_args(max_model_len: int) -> dict[str, Any]:

@@ -77,7 +77,10 @@ def test_records_to_a_served_candidate(
     for i, (name, good, test) in enumerate(TASKS):
         cid, text = _complete(tiny_server, name)
         if i < 3:  # the model's text failed, the developer fixed it, CI passed the fix
-            _report(tiny_server, f"ci:{name}:1", cid, text, "failed", test)
+            # The random model's texts run to max_tokens, and a text cut off there is never a
+            # training side as it stands: here the developer finished the line by hand (still
+            # wrong) before CI ran it.
+            _report(tiny_server, f"ci:{name}:1", cid, f"{text}  # wip\n", "failed", test)
             _report(tiny_server, f"ci:{name}:2", cid, good, "passed", test)
         else:  # edited before CI: only a pass is known, the round resamples for failures
             _report(tiny_server, f"ci:{name}:1", cid, good, "passed", test)
@@ -101,7 +104,9 @@ def test_records_to_a_served_candidate(
                 max_length=128,
                 gradient_checkpointing=False,
             ),
-            options=RoundOptions(n_resample=2, select=False, min_pairs=2),
+            # The random model's texts are noise, so every fix rewrites them whole: no fix
+            # bound here (tests/trainer/test_pairs.py tests the bound).
+            options=RoundOptions(n_resample=2, select=False, min_pairs=2, max_fix_distance=1.0),
             generator_factory=lambda: VllmGenerator(
                 tiny_world.model_dir, max_model_len=512, kv_cache_gib=0.0625, enforce_eager=True
             ),
@@ -113,7 +118,12 @@ def test_records_to_a_served_candidate(
     pairs = report.funnel["pairs"]
     assert pairs["pairs_by_source"]["fix"] == 3
     assert pairs["contexts_resampled"] == 2
-    assert pairs["pairs_by_source"]["resample"] >= 1
+    # Resampled through vLLM with the recorded request; samples the random model cut off at
+    # max_tokens are counted and never paired, the others pair with the passes.
+    resampling = pairs["resampling"]
+    assert resampling["samples"] == 2 * 2
+    resample_pairs = pairs["pairs_by_source"].get("resample", 0)
+    assert resample_pairs >= 1 or resampling["samples_cut_off"] == resampling["samples"]
     assert report.funnel["trained_pairs"] == pairs["pairs"]
 
     with factory() as session:
