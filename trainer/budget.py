@@ -8,6 +8,10 @@ the right), the FIM prompt is rebuilt from what is left, and the completions are
 pair whose completion alone does not fit is dropped, never cut. One budget (the serving
 context, ``KAIZEN_MAX_MODEL_LEN``) then holds for selection and training alike, so neither
 truncates anything.
+
+A pair whose prompt held repository context (the other files before ``<|fim_prefix|>``, see
+:func:`server.services.fim.repo_context`) loses that context first, as the server drops
+snippets before it cuts the prefix; only then are the prefix and suffix cut.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def fit_pairs(pairs: Sequence[Pair], tokenizer: Any, budget: int) -> FitResult:
         "trimmed": 0,
         "prefix_tokens_cut": 0,
         "suffix_tokens_cut": 0,
+        "context_dropped": 0,
         "too_long": {"completion": 0, "prompt": 0},
     }
     for pair in pairs:
@@ -72,6 +77,16 @@ def fit_pairs(pairs: Sequence[Pair], tokenizer: Any, budget: int) -> FitResult:
         if pair.prefix is None:  # a chat prompt
             funnel["too_long"]["prompt"] += 1
             continue
+        if pair.context:  # the repository context goes first, as on the server
+            funnel["context_dropped"] += 1
+            without = (
+                fim.build(pair.prefix, pair.suffix) if pair.suffix is not None else pair.prefix
+            )
+            pair = replace(pair, prompt=without, context="")
+            if count(pair.prompt) <= room:
+                funnel["trimmed"] += 1
+                kept.append(pair)
+                continue
         trimmed, cut_prefix, cut_suffix = _trim(pair, tokenizer, room, overhead, fim)
         if trimmed is None:
             funnel["too_long"]["prompt"] += 1

@@ -46,6 +46,9 @@ class GenerationRequest:
     # single-line stop; duplicates are dropped) and its max_tokens (None: the call's).
     stop: tuple[str, ...] = ()
     max_tokens: int | None = None
+    # What the model saw before ``<|fim_prefix|>`` (repository-level files: the record's
+    # ``params.fim_context``); "" for a file-level prompt.
+    context: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ def prepare_request(
     if suffix is not None:
         if any(tokens.special_token_id(t) is None for t in fim.tokens()):
             raise ValueError("The model has no fill-in-the-middle tokens; a suffix cannot be used.")
-        text = fim.build(request.prompt, suffix)
+        text = fim.build(request.prompt, suffix, request.context)
         stop += suffix_stops(suffix)
     else:
         text = request.prompt

@@ -100,3 +100,30 @@ def test_what_cannot_fit_is_dropped_and_counted(tokenizer: Any) -> None:
 def test_budget_is_checked(tokenizer: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="budget"):
         fit_pairs([], tokenizer, 4)
+
+
+def test_a_repository_context_is_dropped_before_the_prefix_is_cut(tokenizer: Any) -> None:
+    """As on the server: other files' snippets go first; the text around the cursor stays."""
+    from dataclasses import replace
+
+    from server.services.fim import RepoFile, repo_context
+
+    prefix, suffix = "def add(a, b):\n    ", "\n"
+    snippets = [RepoFile(f"src/m{i}.py", f"def helper_{i}(x):\n    return x\n") for i in range(40)]
+    context = repo_context("app", snippets, "src/app.py")
+    pair = replace(
+        _fim_pair(prefix, suffix),
+        prompt=FimFormat().build(prefix, suffix, context),
+        context=context,
+    )
+    room_for_file = _tokens(tokenizer, FimFormat().build(prefix, suffix))
+    assert _tokens(tokenizer, pair.prompt) > 4 * room_for_file
+    budget = room_for_file + _tokens(tokenizer, CHOSEN) + 8
+    result = fit_pairs([pair], tokenizer, budget)
+    (fitted,) = result.pairs
+    assert fitted.prompt == FimFormat().build(prefix, suffix)  # the file-level prompt, whole
+    assert fitted.context == "" and fitted.prefix == prefix and fitted.suffix == suffix
+    assert result.funnel["context_dropped"] == 1 and result.funnel["prefix_tokens_cut"] == 0
+    # With room for everything, the context stays.
+    roomy = fit_pairs([pair], tokenizer, 4096)
+    assert roomy.pairs[0].prompt == pair.prompt and roomy.funnel["context_dropped"] == 0

@@ -253,3 +253,21 @@ def test_resampling_a_recorded_request_uses_its_stops_as_served(tmp_path: Path) 
     prepared = prepare_request(request, engine)
     assert sorted(prepared.stop) == sorted(served.params.stop)
     assert len(prepared.stop) == len(set(prepared.stop)) and "# end" in prepared.stop
+
+
+def test_a_repository_context_comes_before_the_fim_prefix_as_served() -> None:
+    """Resampling a repository-level context (``params.fim_context``) must show the model the
+    other files again, in front of the FIM prompt, as the server did."""
+    from server.services.fim import FimFormat, RepoFile, repo_context
+
+    engine = FakeEngine(max_model_len=1024)
+    context = repo_context("app", [RepoFile("src/m.py", "PI = 3\n")], "src/app.py")
+    request = GenerationRequest("def f():\n    ", "\n", context=context)
+    prepared = prepare_request(request, engine)
+    assert prepared.prompt_token_ids == engine.tokenize(
+        FimFormat().build(request.prompt, "\n", context)
+    )
+    assert (
+        prepared.prompt_token_ids
+        != prepare_request(GenerationRequest("def f():\n    ", "\n"), engine).prompt_token_ids
+    )
