@@ -9,6 +9,10 @@ same context (the same prompt and suffix, see :func:`trainer.records.context_key
 * ``resample``: where a context has a runnable test (``tests_for``) but only one side (only
   failures, or only passes), the current policy samples ``n_resample`` more candidates, the
   sandbox runs them, and passes are paired with failures.
+* ``ci_resample``: a text that CI-side exploration (``plugins/PROTOCOL.md``, "Exploration")
+  sampled for a served completion's context and judged with the project's own tests, paired
+  with a text of the other side of the same context (the served one or another alternative).
+  Its verdict comes from CI, as a ``ci`` pair's does: no test code is needed.
 
 Where a test exists every text is run again in the sandbox (:class:`trainer.sandbox.Sandbox`,
 the one executor for untrusted code): a pair survives only if its chosen passes and its
@@ -20,6 +24,16 @@ rejected texts are ranked assertion failure > runtime error > syntax error (``co
 syntax errors without running anything) and the cap per context keeps the best-ranked pairs.
 Everything is deterministic for a given ``seed``: ties are broken by a seeded hash, not by
 input order or Python's per-process ``hash``.
+
+Governance, before any record becomes a candidate (each drop is counted in the funnel's
+``records_dropped`` under its own reason): records of repositories excluded from training
+(``kaizen repos exclude``), texts cut off by ``max_tokens`` and run unchanged (never trained as
+complete), and records whose prompt, suffix or texts hold a secret (:mod:`trainer.secrets`;
+resampled texts are scanned too). A ``fix`` pair needs its fix within ``max_fix_distance``
+(normalised edit distance) of the text the model served, else it is dropped (``fix_too_far``):
+a CI token can claim any text "fixed" a completion. No reporting token may be behind more
+than ``max_token_share`` of the round's pairs (``token_cap``); ``token_shares`` in the funnel
+shows each token's share (before the cap too, so ops see a token with outsized influence).
 """
 
 from __future__ import annotations
@@ -27,33 +41,59 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from server.services.fim import FimFormat
+from server.store.repositories import normalise_repository
 from trainer.records import OutcomeRecord
 from trainer.sandbox import RunResult, Sandbox
+from trainer.secrets import SecretScanner
 
 __all__ = [
     "Context",
     "Pair",
     "PairBuildResult",
     "PairInfo",
+    "ResampleAsk",
     "build_pairs",
+    "edit_distance_ratio",
     "failure_kind",
     "normalize_text",
+    "record_id",
 ]
 
-Source = Literal["fix", "ci", "resample"]
+# Normalised edit distance (Levenshtein / longer length) a fix may be from the served text.
+# Measured on MBPP+'s canonical bodies (the simulation's fixes; `benchmarks/poison.py
+# --fix-distances`): one-edit bug fixes p50 0.022, p90 0.251 (98.6% within 0.8); the last line
+# rewritten p50 0.60, p90 0.77 (95% within); another task's body put in place p50 0.74 (64.5%
+# within). Generous for real fixes, so it stops only the most distant replacements; the
+# per-token cap is what bounds a poisoner who stays close.
+DEFAULT_MAX_FIX_DISTANCE = 0.8
+DEFAULT_MAX_TOKEN_SHARE = 0.5
+
+Source = Literal["fix", "ci", "ci_resample", "resample"]
 FailureKind = Literal["assertion", "runtime", "syntax"]
 Verdict = Literal["pass", "fail", "flaky"]
 
 # Lower sorts first when a context has more pairs than the cap allows.
-_SOURCE_PRIORITY: dict[str, int] = {"fix": 0, "ci": 1, "resample": 2}
+# CI-side alternatives come after the developers' own texts (their verdicts are as real, but
+# the texts are the model's, not what anyone kept) and before the trainer's own resamples.
+_SOURCE_PRIORITY: dict[str, int] = {"fix": 0, "ci": 1, "ci_resample": 2, "resample": 3}
 # Higher is a more instructive rejected text.
 _KIND_RANK: dict[str, int] = {"assertion": 3, "runtime": 2, "syntax": 1}
-_DROP_REASONS = ("identical", "flaky", "chosen_failed", "rejected_passed", "cap")
+_DROP_REASONS = (
+    "identical",
+    "flaky",
+    "chosen_failed",
+    "rejected_passed",
+    "fix_too_far",
+    "secret",
+    "cap",
+    "token_cap",
+)
+_RECORD_DROP_REASONS = ("excluded_repository", "cut_off", "secret")
 _SYNTAX_LAST_LINE = re.compile(r"^(SyntaxError|IndentationError|TabError)\b")
 _ASSERTION_LAST_LINE = re.compile(r"^AssertionError\b")
 _PYTHON_LANGUAGES = {"python", "py", "python3"}
@@ -68,6 +108,25 @@ class Pair:
     chosen: str
     rejected: str
     source: str
+    # The text before and after the cursor, so that a prompt too long for the context can be
+    # trimmed and rebuilt (:mod:`trainer.budget`); both None for a chat prompt (not trimmable).
+    prefix: str | None = None
+    suffix: str | None = None
+    # The repository context the prompt starts with (before ``<|fim_prefix|>``), which
+    # trimming drops first; "" for a file-level prompt.
+    context: str = ""
+
+
+@dataclass(frozen=True)
+class ResampleAsk:
+    """One context to resample, with the request parameters the model was served under."""
+
+    prompt: str
+    suffix: str | None
+    single_line: bool = False
+    stop: tuple[str, ...] = ()
+    max_tokens: int | None = None
+    fim_context: str = ""  # the repository context the model saw before the prefix
 
 
 @dataclass(frozen=True)
@@ -84,10 +143,29 @@ class Context:
     records: tuple[OutcomeRecord, ...]
 
     @property
+    def ask(self) -> ResampleAsk:
+        """How to sample this context again: as its first record was served."""
+        first = self.records[0]
+        return ResampleAsk(
+            prompt=self.prompt,
+            suffix=self.suffix,
+            single_line=first.single_line,
+            stop=first.stop,
+            max_tokens=first.max_tokens,
+            fim_context=self.fim_context,
+        )
+
+    @property
+    def fim_context(self) -> str:
+        """The repository context its first record was served with ("" for none)."""
+        return self.records[0].fim_context if self.suffix is not None else ""
+
+    @property
     def model_prompt(self) -> str:
-        """The prompt exactly as the model saw it: FIM-formatted when there was a suffix."""
+        """The prompt exactly as the model saw it: FIM-formatted (after any repository
+        context) when there was a suffix."""
         if self.suffix is not None:
-            return FimFormat().build(self.prompt, self.suffix)
+            return FimFormat().build(self.prompt, self.suffix, self.fim_context)
         return self.prompt
 
     def program(self, text: str) -> str:
@@ -112,6 +190,8 @@ class PairInfo:
     repository: str | None
     source: str
     rejected_kind: FailureKind
+    # The API tokens whose CI reports made its two sides (sorted; empty: none recorded).
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -119,6 +199,9 @@ class PairBuildResult:
     pairs: list[Pair]
     info: dict[str, PairInfo]  # by pair id
     funnel: dict[str, Any]
+    # Records left out before pairing, "completion_id:choice_index:run_id" -> why (no text:
+    # a round stores this, and a secret must not travel with it).
+    dropped_records: dict[str, str] = field(default_factory=dict)
 
     @property
     def repositories(self) -> dict[str, str | None]:
@@ -159,9 +242,36 @@ def _compiles(code: str) -> bool:
     return True
 
 
-def _with_test(code: str, test: str) -> str:
-    # The same program trainer.sandbox.check_program runs, so run_many can batch them.
-    return code + "\n\n" + test
+def _with_test(code: str, test: str) -> tuple[str, str]:
+    # What trainer.sandbox.check_program judges; the sandbox puts the test after the code
+    # itself (and seals its end), so run_tests can batch them.
+    return code, test
+
+
+def edit_distance_ratio(a: str, b: str, *, limit: float = 1.0) -> float:
+    """Levenshtein distance of ``a`` and ``b`` over the longer one's length (0: equal, 1: all
+    changed). Work stays inside a band of ``limit`` around the diagonal and stops once the
+    ratio must exceed ``limit`` (a value above it is returned then), so checking a bound on
+    long texts costs O(len * band), not O(len ** 2)."""
+    longest = max(len(a), len(b))
+    if longest == 0:
+        return 0.0
+    k = int(limit * longest)  # the largest distance within the limit
+    if abs(len(a) - len(b)) > k:
+        return abs(len(a) - len(b)) / longest
+    over = k + 1
+    previous = [j if j <= k else over for j in range(len(b) + 1)]
+    for i in range(1, len(a) + 1):
+        current = [over] * (len(b) + 1)
+        current[0] = i if i <= k else over
+        char = a[i - 1]
+        for j in range(max(1, i - k), min(len(b), i + k) + 1):
+            value = min(previous[j - 1] + (char != b[j - 1]), previous[j] + 1, current[j - 1] + 1)
+            current[j] = value if value <= k else over
+        if min(current) >= over:
+            return over / longest
+        previous = current
+    return previous[len(b)] / longest
 
 
 def _seeded(seed: int, *parts: str) -> str:
@@ -177,6 +287,10 @@ class _Candidate:
     ci_fail: bool = False
     ci_kind: FailureKind = "assertion"  # tests ran and failed: the code at least built
     resampled: bool = False
+    # Every CI verdict on it was on an alternative CI-side exploration asked for (none on a
+    # text a developer was served): None until a record is seen.
+    explored: bool | None = None
+    tokens: set[int] = field(default_factory=set)  # the API tokens that reported its verdicts
     verdict: Verdict | None = None  # from the sandbox, where the context has a test
     kind: FailureKind | None = None  # from the sandbox, for failures
 
@@ -185,25 +299,31 @@ class _Candidate:
 
 
 class _Executor:
-    """Runs programs in the sandbox once each (cached), re-running failures for flakiness."""
+    """Judges (code, test) programs in the sandbox once each (cached), re-running failures for
+    flakiness. A program the sandbox flags (a faked pass) is a failure like any other, never
+    re-run: flagging does not depend on luck."""
 
     def __init__(self, sandbox: Sandbox, flaky_reruns: int) -> None:
         self.sandbox = sandbox
         self.flaky_reruns = flaky_reruns
-        self.results: dict[str, tuple[Verdict, FailureKind | None]] = {}
+        self.results: dict[tuple[str, str], tuple[Verdict, FailureKind | None]] = {}
         self.runs = 0
 
-    def run(self, programs: Iterable[str]) -> None:
+    def run(self, programs: Iterable[tuple[str, str]]) -> None:
         todo = sorted({p for p in programs if p not in self.results})
         # A program that does not parse fails the same way every time: no sandbox needed.
         runnable = []
         for program in todo:
-            if _compiles(program):
+            if _compiles(program[0]) and _compiles(program[1]):
                 runnable.append(program)
             else:
                 self.results[program] = ("fail", "syntax")
         first = self._run_many(runnable)
-        failed = [p for p, r in zip(runnable, first, strict=True) if not r.passed]
+        failed = [
+            p
+            for p, r in zip(runnable, first, strict=True)
+            if not r.passed and r.status != "flagged"
+        ]
         for program, result in zip(runnable, first, strict=True):
             if result.passed:
                 self.results[program] = ("pass", None)
@@ -216,9 +336,9 @@ class _Executor:
                     self.results[program] = ("flaky", None)
             failed = [p for p in failed if self.results[p][0] == "fail"]
 
-    def _run_many(self, programs: Sequence[str]) -> list[RunResult]:
+    def _run_many(self, programs: Sequence[tuple[str, str]]) -> list[RunResult]:
         self.runs += len(programs)
-        return self.sandbox.run_many(programs) if programs else []
+        return self.sandbox.run_tests(programs) if programs else []
 
 
 def _contexts(records: Sequence[OutcomeRecord]) -> list[Context]:
@@ -247,11 +367,15 @@ def _contexts(records: Sequence[OutcomeRecord]) -> list[Context]:
     return contexts
 
 
-def _candidates(context: Context) -> tuple[dict[str, _Candidate], set[tuple[str, str]], int]:
-    """Distinct texts of a context keyed by normalised text, the (failed, fixed) key pairs,
-    and how many recorded texts were duplicates of one seen before."""
+Fixes = dict[tuple[str, str], str]  # (failed key, fixed key) -> the text the model served
+
+
+def _candidates(context: Context) -> tuple[dict[str, _Candidate], Fixes, int]:
+    """Distinct texts of a context keyed by normalised text, the (failed, fixed) key pairs
+    with the served text each fix must stay close to, and how many recorded texts were
+    duplicates of one seen before."""
     candidates: dict[str, _Candidate] = {}
-    fixes: set[tuple[str, str]] = set()
+    fixes: Fixes = {}
     duplicates = 0
 
     def add(text: str) -> _Candidate:
@@ -263,19 +387,35 @@ def _candidates(context: Context) -> tuple[dict[str, _Candidate], set[tuple[str,
             candidates[key] = _Candidate(text=text)
         return candidates[key]
 
+    def reported(candidate: _Candidate, record: OutcomeRecord) -> _Candidate:
+        if record.token_id is not None:
+            candidate.tokens.add(record.token_id)
+        alternative = record.source == "resample"
+        candidate.explored = (
+            alternative if candidate.explored is None else (candidate.explored and alternative)
+        )
+        return candidate
+
     for record in context.records:
         if record.passed:
-            add(record.final_text).ci_pass = True
+            reported(add(record.final_text), record).ci_pass = True
         elif record.failed:
-            candidate = add(record.final_text)
+            candidate = reported(add(record.final_text), record)
             candidate.ci_fail = True
             if record.status == "build_failed":
                 candidate.ci_kind = "syntax"  # collection failed: the code did not build
             if record.fixed_text is not None:
                 # The fix passed in CI too (its own record says so, unless that one is outside
                 # the loaded window).
-                add(record.fixed_text).ci_pass = True
-                fixes.add((normalize_text(record.final_text), normalize_text(record.fixed_text)))
+                reported(add(record.fixed_text), record).ci_pass = True
+                served = (
+                    record.completion_text
+                    if record.completion_text is not None
+                    else record.final_text
+                )
+                fixes[(normalize_text(record.final_text), normalize_text(record.fixed_text))] = (
+                    served
+                )
     if context.is_python:
         for candidate in candidates.values():
             if candidate.ci_fail and not _compiles(context.program(candidate.text)):
@@ -290,7 +430,7 @@ class _Proposal:
     source: Source
 
 
-def _propose(candidates: dict[str, _Candidate], fixes: set[tuple[str, str]]) -> list[_Proposal]:
+def _propose(candidates: dict[str, _Candidate], fixes: Fixes) -> list[_Proposal]:
     """Every chosen x rejected of a context. Recorded texts take their side from CI (the
     sandbox may only veto them, in :func:`_drop_reason`); resampled ones from the sandbox."""
     chosen = [
@@ -309,6 +449,8 @@ def _propose(candidates: dict[str, _Candidate], fixes: set[tuple[str, str]]) -> 
                 if candidates[c].resampled or candidates[r].resampled
                 else "fix"
                 if (r, c) in fixes
+                else "ci_resample"
+                if candidates[c].explored or candidates[r].explored
                 else "ci"
             )
             proposals.append(_Proposal(chosen=c, rejected=r, source=source))
@@ -360,35 +502,141 @@ def _cap(
     return kept[:limit], max(0, len(kept) - limit)
 
 
+def _repository_id(repository: str | None) -> str | None:
+    if repository is None:
+        return None
+    try:
+        return normalise_repository(repository)
+    except ValueError:
+        return repository
+
+
+def record_id(record: OutcomeRecord) -> str:
+    """A record's id in a round's files and an adapter's manifest."""
+    return f"{record.completion_id}:{record.choice_index}:{record.run_id}"
+
+
+def _drop_records(
+    records: Sequence[OutcomeRecord],
+    excluded: Collection[str],
+    scanner: SecretScanner | None,
+) -> tuple[list[OutcomeRecord], dict[str, str]]:
+    """The records that may become training data, and the others with why they went."""
+    dropped: dict[str, str] = {}
+    kept = []
+    for record in records:
+        if _repository_id(record.repository) in excluded:
+            dropped[record_id(record)] = "excluded_repository"
+        elif record.cut_off:
+            dropped[record_id(record)] = "cut_off"
+        else:
+            kept.append(record)
+    if scanner is None:
+        return kept, dropped
+
+    def texts(r: OutcomeRecord) -> list[str]:
+        parts = (r.prompt, r.suffix, r.completion_text, r.final_text, r.fixed_text)
+        return [t for t in parts if t]
+
+    # Contexts share prompts: scan each distinct text once.
+    distinct = sorted({t for r in kept for t in texts(r)})
+    flagged = {t for t, found in zip(distinct, scanner.find_many(distinct), strict=True) if found}
+    clean = []
+    for record in kept:
+        if any(t in flagged for t in texts(record)):
+            dropped[record_id(record)] = "secret"
+        else:
+            clean.append(record)
+    return clean, dropped
+
+
+def _token_cap(
+    pairs: list[Pair],
+    info: dict[str, PairInfo],
+    share: float,
+    lone_token: bool,
+    seed: int,
+) -> tuple[list[Pair], int]:
+    """Drop pairs until no token is behind more than ``share`` of the pairs that remain. A
+    pair counts against every token that reported one of its sides; the pairs dropped first
+    are those the over-represented token alone is behind (its own failure -> "fix" claims),
+    then by a seeded hash. A round with one reporting token is not capped (a single-team
+    install has one CI token); a token behind every pair loses them all (the round then has
+    too few pairs and is skipped, which is the safe outcome when one token decides it)."""
+    if share >= 1 or lone_token or not pairs:
+        return pairs, 0
+    kept = {p.id: p for p in pairs}
+    while kept:
+        counts = Counter(t for pid in kept for t in info[pid].token_ids)
+        over = [t for t, n in counts.items() if n > share * len(kept)]
+        if not over:
+            break
+        worst = max(over, key=lambda t: (counts[t], -t))
+        victim = min(
+            (pid for pid in kept if worst in info[pid].token_ids),
+            key=lambda pid: (len(info[pid].token_ids), _seeded(seed, "token_cap", pid)),
+        )
+        del kept[victim]
+    return [p for p in pairs if p.id in kept], len(pairs) - len(kept)
+
+
+def _token_shares(info: dict[str, PairInfo], pair_ids: Iterable[str]) -> dict[str, float]:
+    ids = list(pair_ids)
+    counts = Counter(t for pid in ids for t in info[pid].token_ids)
+    return {str(t): round(n / len(ids), 4) for t, n in sorted(counts.items())}
+
+
 def build_pairs(
     records: Sequence[OutcomeRecord],
     *,
     sandbox: Sandbox,
     tests_for: Callable[[Context], str | None] | None = None,
     resample: Callable[[str, str | None, int], list[str]] | None = None,
-    resample_batch: Callable[[Sequence[tuple[str, str | None]], int], list[list[str]]]
-    | None = None,
+    resample_batch: Callable[[Sequence[ResampleAsk], int], list[list[str]]] | None = None,
     n_resample: int = 8,
     flaky_reruns: int = 1,
     max_pairs_per_context: int = 4,
     seed: int = 0,
+    excluded_repositories: Collection[str] = (),
+    secret_scanner: SecretScanner | None = None,
+    scan_secrets: bool = True,
+    max_fix_distance: float = DEFAULT_MAX_FIX_DISTANCE,
+    max_token_share: float = DEFAULT_MAX_TOKEN_SHARE,
 ) -> PairBuildResult:
     """Preference pairs from outcome records (see the module docstring for the rules).
 
     ``tests_for(context)`` returns test code (asserts run after the program) for contexts that
     have one, else None. ``resample(prompt, suffix, n)`` returns ``n`` completions of the
     current policy for a context (prompt: the text before the cursor; suffix: after it, None
-    for plain prompts). ``resample_batch(contexts, n)``, where given, does the same for many
-    (prompt, suffix) at once, which an inference engine serves far faster than one at a time.
-    Sandbox runs are batched across contexts (``Sandbox.run_many``).
+    for plain prompts). ``resample_batch(asks, n)``, where given, does the same for many
+    contexts at once (each :class:`ResampleAsk` carries the served request's ``single_line``,
+    ``stop`` and ``max_tokens``), which an inference engine serves far faster than one at a
+    time; it should leave out samples cut off by ``max_tokens``. Sandbox runs are batched
+    across contexts (``Sandbox.run_many``).
+
+    ``excluded_repositories``: repositories whose records are never used. ``scan_secrets``
+    (default on; ``secret_scanner`` replaces the default scanner) drops every record and
+    resampled text holding a secret. ``max_fix_distance``: the largest normalised edit
+    distance of a fix from the served text. ``max_token_share``: the largest share of the
+    pairs one reporting token may be behind (1: no cap).
     """
     if max_pairs_per_context < 1:
         raise ValueError(f"max_pairs_per_context must be at least 1: {max_pairs_per_context}")
     if flaky_reruns < 0 or n_resample < 0:
         raise ValueError("flaky_reruns and n_resample must not be negative")
+    if not 0 <= max_fix_distance <= 1:
+        raise ValueError(f"max_fix_distance is a ratio in [0, 1]: {max_fix_distance}")
+    if not 0 < max_token_share <= 1:
+        raise ValueError(f"max_token_share must be in (0, 1] (1: no cap): {max_token_share}")
+    scanner = (secret_scanner or SecretScanner()) if scan_secrets else None
+    verdicts = [r for r in records if r.passed or r.failed]
+    excluded = frozenset(_repository_id(r) for r in excluded_repositories)
+    allowed, dropped_records = _drop_records(verdicts, excluded, scanner)
+    records_dropped: Counter[str] = Counter({reason: 0 for reason in _RECORD_DROP_REASONS})
+    records_dropped.update(dropped_records.values())
     # Sorted so that representatives, tie-breaks and output never depend on the input order.
     usable = sorted(
-        (r for r in records if r.passed or r.failed),
+        allowed,
         key=lambda r: (r.context_key, r.received_at, r.run_id, r.completion_id, r.choice_index),
     )
     contexts = _contexts(usable)
@@ -429,35 +677,53 @@ def build_pairs(
         to_resample.append((context, candidates, test))
     resampled = 0
     if resample_batch is not None:
-        asks = [(context.prompt, context.suffix) for context, _, _ in to_resample]
+        asks = [context.ask for context, _, _ in to_resample]
         samples = resample_batch(asks, n_resample) if asks else []
     else:
         assert resample is not None or not to_resample
         samples = [resample(c.prompt, c.suffix, n_resample) for c, _, _ in to_resample]  # type: ignore[misc]
+    # The policy may write out a secret it memorised: scan what it sampled, too.
+    sampled = sorted({t for texts in samples for t in texts[:n_resample]})
+    secret_samples = (
+        {t for t, f in zip(sampled, scanner.find_many(sampled), strict=True) if f}
+        if scanner is not None and sampled
+        else set()
+    )
     for (_context, candidates, _test), texts in zip(to_resample, samples, strict=True):
         for text in texts[:n_resample]:
             key = normalize_text(text)
-            if key and key not in candidates:
-                candidates[key] = _Candidate(text=text, resampled=True)
-                resampled += 1
+            if not key or key in candidates:
+                continue
+            if text in secret_samples:
+                dropped["secret"] += 1
+                continue
+            candidates[key] = _Candidate(text=text, resampled=True)
+            resampled += 1
     verify(to_resample)
 
     pairs: list[Pair] = []
     info: dict[str, PairInfo] = {}
-    contexts_with_pairs = 0
-    by_source: Counter[str] = Counter({source: 0 for source in _SOURCE_PRIORITY})
+    fix_distances: list[float] = []
     for context, candidates, fixes, test in states:
         kept = []
         for p in _propose(candidates, fixes):
             reason = _drop_reason(p, candidates, verified=test is not None)
+            if reason is None and p.source == "fix":
+                served = fixes[(p.rejected, p.chosen)]
+                distance = edit_distance_ratio(
+                    served, candidates[p.chosen].text, limit=max_fix_distance
+                )
+                fix_distances.append(min(distance, 1.0))
+                if distance > max_fix_distance:
+                    reason = "fix_too_far"
             if reason is None:
                 kept.append(p)
             else:
                 dropped[reason] += 1
         kept, over = _cap(kept, candidates, max_pairs_per_context, seed)
         dropped["cap"] += over
-        contexts_with_pairs += bool(kept)
         prompt = context.model_prompt
+        trimmable = context.endpoint != "chat"
         for p in kept:
             chosen, rejected = candidates[p.chosen], candidates[p.rejected]
             pair_id = hashlib.sha256(
@@ -470,6 +736,9 @@ def build_pairs(
                     chosen=chosen.text,
                     rejected=rejected.text,
                     source=p.source,
+                    prefix=context.prompt if trimmable else None,
+                    suffix=context.suffix if trimmable else None,
+                    context=context.fim_context if trimmable else "",
                 )
             )
             info[pair_id] = PairInfo(
@@ -477,21 +746,51 @@ def build_pairs(
                 repository=context.repository,
                 source=p.source,
                 rejected_kind=rejected.rank_kind(),
+                token_ids=tuple(sorted(chosen.tokens | rejected.tokens)),
             )
-            by_source[p.source] += 1
+
+    reporting_tokens = {r.token_id for r in usable if r.token_id is not None}
+    shares_before = _token_shares(info, (p.id for p in pairs))
+    pairs, over = _token_cap(pairs, info, max_token_share, len(reporting_tokens) <= 1, seed)
+    dropped["token_cap"] += over
+    info = {p.id: info[p.id] for p in pairs}
+    by_source: Counter[str] = Counter({source: 0 for source in _SOURCE_PRIORITY})
+    by_source.update(p.source for p in pairs)
 
     funnel: dict[str, Any] = {
         "records": len(records),
-        "records_with_verdict": len(usable),
+        "records_with_verdict": len(verdicts),
+        "records_dropped": dict(records_dropped),
+        "records_used": len(usable),
         "duplicate_texts": duplicate_texts,
         "contexts": len(contexts),
         "contexts_with_tests": sum(1 for *_, test in states if test is not None),
         "contexts_resampled": len(to_resample),
-        "contexts_with_pairs": contexts_with_pairs,
+        "contexts_with_pairs": len({i.context_key for i in info.values()}),
         "resampled_candidates": resampled,
+        # Records of alternatives CI-side exploration judged (completions of source resample).
+        "records_ci_resample": sum(1 for r in usable if r.source == "resample"),
         "sandbox_runs": executor.runs,
         "pairs_by_source": dict(by_source),
         "dropped": dict(dropped),
+        "fix_distance": _distribution(fix_distances, max_fix_distance),
+        # Share of the pairs each reporting token is behind (API token ids), before and after
+        # the cap: ops see a token with outsized influence even when the cap held it back.
+        "token_shares_before_cap": shares_before,
+        "token_shares": _token_shares(info, info),
+        "max_token_share": max_token_share,
         "pairs": len(pairs),
     }
-    return PairBuildResult(pairs=pairs, info=info, funnel=funnel)
+    return PairBuildResult(pairs=pairs, info=info, funnel=funnel, dropped_records=dropped_records)
+
+
+def _distribution(values: Sequence[float], limit: float) -> dict[str, Any]:
+    """Quantiles of the fixes' distances (rounded), so a round shows how far real fixes are."""
+    if not values:
+        return {"fixes": 0, "limit": limit}
+    ordered = sorted(values)
+
+    def q(x: float) -> float:
+        return round(ordered[int(x * (len(ordered) - 1))], 3)  # the lower of two at a tie
+
+    return {"fixes": len(ordered), "limit": limit, "p50": q(0.5), "p90": q(0.9), "max": q(1.0)}

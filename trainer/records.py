@@ -73,6 +73,14 @@ class OutcomeRecord:
     stop: tuple[str, ...] = ()  # every stop string the server used, suffix stops included
     max_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | None (not recorded)
+    # What the model saw before ``<|fim_prefix|>`` (repository-level files from Tabby's
+    # snippets or Continue's multi-file template: ``params.fim_context``); "" for none.
+    fim_context: str = ""
+    # "serve", or "resample": an alternative CI asked for and judged with the project's own
+    # tests (CI-side exploration), sampled from ``parent_id``'s context (the same prompt and
+    # suffix, hence the same ``context_key``).
+    source: str = "serve"
+    parent_id: str | None = None
 
     @property
     def cut_off(self) -> bool:
@@ -148,6 +156,9 @@ def load_outcome_records(
                 stop=tuple(str(s) for s in params.get("stop") or ()),
                 max_tokens=_int_or_none(params.get("max_tokens")),
                 finish_reason=choice.finish_reason if choice is not None else None,
+                fim_context=str(params.get("fim_context") or ""),
+                source=completion.source,
+                parent_id=completion.parent_id,
             )
         )
     return _attach_fixes(records)

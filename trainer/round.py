@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +45,7 @@ from trainer.pairs import (
     Pair,
     PairInfo,
     ResampleAsk,
+    Source,
     build_pairs,
     record_id,
 )
@@ -218,6 +219,7 @@ def _batch_resampler(
                 single_line=a.single_line,
                 stop=a.stop,
                 max_tokens=a.max_tokens,
+                context=a.fim_context,
             )
             for a in asks
         ]
@@ -488,7 +490,7 @@ def run_round(
         funnel["selection"] = chosen["funnel"]
         funnel["selected_by_source"] = {
             source: sum(1 for p in selected if p.source == source)
-            for source in ("fix", "ci", "resample")
+            for source in get_args(Source)
         }
         save(funnel=funnel, durations=durations)
 

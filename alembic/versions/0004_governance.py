@@ -1,4 +1,5 @@
-"""governance: repository-scoped tokens, repositories excluded from training
+"""governance: repository-scoped tokens, repositories excluded from training, resampled
+completions (source, parent)
 
 Revision ID: 0004
 Revises: 0003
@@ -22,6 +23,15 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # CI-side exploration: alternatives sampled for a served completion's context are recorded
+    # as completions of their own, marked and linked to the completion they explore.
+    with op.batch_alter_table("completions", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("source", sa.String(length=16), nullable=False, server_default="serve")
+        )
+        batch_op.add_column(sa.Column("parent_id", sa.String(length=64), nullable=True))
+        batch_op.create_index("ix_completions_parent_id", ["parent_id"], unique=False)
+
     with op.batch_alter_table("api_tokens", schema=None) as batch_op:
         batch_op.add_column(
             sa.Column(
@@ -52,3 +62,7 @@ def downgrade() -> None:
     op.drop_table("api_token_repositories")
     with op.batch_alter_table("api_tokens", schema=None) as batch_op:
         batch_op.drop_column("all_repositories")
+    with op.batch_alter_table("completions", schema=None) as batch_op:
+        batch_op.drop_index("ix_completions_parent_id")
+        batch_op.drop_column("parent_id")
+        batch_op.drop_column("source")

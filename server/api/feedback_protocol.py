@@ -210,3 +210,33 @@ class StatsResponse(BaseModel):
     since: datetime
     until: datetime
     data: list[AdapterStatsOut]
+
+
+# ``POST /v1/resample`` (role ci): alternatives for a served completion's context, for CI-side
+# exploration (``plugins/PROTOCOL.md``, "Exploration").
+MAX_RESAMPLE_N = 8
+"""Alternatives one call may ask for (the server's ``KAIZEN_MAX_N`` may lower it)."""
+
+
+class ResampleRequest(_Strict):
+    completion_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(0, ge=0)
+    n: int = Field(4, ge=1, le=MAX_RESAMPLE_N)
+    # None: the served request's temperature when it sampled, else 0.8 (greedy decoding would
+    # give n identical alternatives).
+    temperature: float | None = Field(None, gt=0.0, le=2.0)
+
+
+class AlternativeOut(BaseModel):
+    index: int  # the choice index to report the alternative's outcome under
+    text: str
+    finish_reason: str | None
+
+
+class ResampleResponse(BaseModel):
+    id: str  # the alternatives' completion id (``source`` resample)
+    parent_id: str
+    adapter: str | None  # the version that sampled them (None: the base model)
+    alternatives: list[AlternativeOut]
+    # How many more alternatives the server will still sample for this parent.
+    remaining: int

@@ -8,6 +8,8 @@ client goes away (``aborted``) or the engine fails (``failed``): the record is s
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -46,8 +48,9 @@ from server.engine.base import (
     UnknownAdapterError,
 )
 from server.errors import ApiError
-from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
+from server.services.fim import FIM_END_TOKENS, FimFormat, split_fim_prompt, suffix_stops
 from server.services.recorder import Recorder
+from server.services.repo_context import PromptDoesNotFitError, RepoPrompt, fit_prompt
 from server.services.rollout import RolloutService
 from server.store.completions import ChoiceRecord, CompletionRecord
 from server.store.tokens import Principal
@@ -55,6 +58,8 @@ from server.store.tokens import Principal
 log = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
+# vLLM decodes greedily below this temperature (vllm.sampling_params._SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
 
 
 def sse(payload: BaseModel) -> str:
@@ -145,8 +150,38 @@ class CompletionService:
             raise ApiError(400, "logprobs is not supported by this server.", param="logprobs")
         if request.n > self.settings.max_n:
             raise ApiError(400, f"n must be at most {self.settings.max_n}.", param="n")
+        if request.n > 1 and request.temperature < GREEDY_BELOW:
+            # vLLM refuses this (greedy decoding would give n identical choices).
+            raise ApiError(
+                400,
+                f"n={request.n} needs sampling, but temperature {request.temperature:g} means "
+                "greedy decoding, which gives every choice the same text: send n=1, or a "
+                "temperature above 0.",
+                param="n",
+            )
 
-    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
+    def _check_chars(self, length: int, *, param: str) -> None:
+        """Refuse a prompt that cannot fit the context even at ``prompt_chars_per_token``
+        characters per token, before spending any time on tokenising it."""
+        context = self.engine.max_model_len
+        limit = int(context * self.settings.prompt_chars_per_token)
+        if length > limit:
+            raise ApiError(
+                400,
+                f"The prompt is {length} characters long; with this model's context of "
+                f"{context} tokens this server accepts at most {limit} characters. "
+                "Send less context.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    async def _tokenize(self, text: str, *, param: str) -> list[int]:
+        """Token ids of a prompt, in a worker thread: a long prompt takes long enough to
+        tokenise that it would stall every other request (and /healthz) on the event loop."""
+        self._check_chars(len(text), param=param)
+        return await asyncio.to_thread(self.engine.tokenize, text)
+
+    def _max_tokens(self, requested: int | None, prompt_tokens: int, *, clamp: bool = False) -> int:
         limit = self.settings.max_tokens_limit
         context = self.engine.max_model_len
         if prompt_tokens >= context:
@@ -157,6 +192,9 @@ class CompletionService:
                 param="prompt",
                 code="context_length_exceeded",
             )
+        if requested is not None and clamp:
+            # For clients that always ask for far more than fits (Continue: 4096).
+            requested = min(requested, limit, context - prompt_tokens)
         if requested is None:
             return min(self.settings.default_max_tokens, context - prompt_tokens)
         if requested > limit:
@@ -199,6 +237,7 @@ class CompletionService:
         adapter: str | None,
         suffix: str | None = None,
         messages: list[dict[str, Any]] | None = None,
+        extra_params: dict[str, Any] | None = None,
     ) -> _Job:
         params = GenerationParams(
             max_tokens=max_tokens,
@@ -231,6 +270,7 @@ class CompletionService:
                 "stop": stop,
                 "seed": request.seed,
                 **self._extra_params(request),
+                **(extra_params or {}),
             },
             context=context,
             choices=[ChoiceRecord(index=i) for i in range(request.n)],
@@ -252,7 +292,14 @@ class CompletionService:
 
     # ------------------------------------------------------------ completions
 
-    def prepare_completion(self, request: CompletionRequest, principal: Principal) -> _Job:
+    def _has_fim(self) -> bool:
+        return all(self.engine.special_token_id(t) is not None for t in self.fim.tokens())
+
+    async def prepare_completion(
+        self, request: CompletionRequest, principal: Principal, *, repo: RepoPrompt | None = None
+    ) -> _Job:
+        """``repo``: a fill-in-the-middle request with other files of the repository (Tabby's
+        segments), always FIM, trimmed to fit the context instead of refused."""
         started = time.perf_counter()
         self._check_common(request)
         if request.echo:
@@ -280,22 +327,42 @@ class CompletionService:
         adapter = self._resolve_adapter(request.model, principal)
         self._check_ready()
         stop = request.stop_list()
-        if suffix is not None:
-            if any(self.engine.special_token_id(t) is None for t in self.fim.tokens()):
-                raise ApiError(
-                    400,
-                    f"The model {self.engine.model_name} has no fill-in-the-middle "
-                    "tokens, so `suffix` is not supported.",
-                    param="suffix",
-                )
-            prompt_text = self.fim.build(prompt, suffix)
-            stop += suffix_stops(suffix)
+        fim_context = ""
+        extra: dict[str, Any] = {}
+        if suffix is None and repo is None:
+            # Finds the record from a client's report that names the prompt, not the id
+            # (Continue's data events), whatever template the client used.
+            extra["prompt_sha256"] = hashlib.sha256(prompt.encode()).hexdigest()
+            split = split_fim_prompt(prompt, self.fim) if self._has_fim() else None
+            if split is not None:
+                # The client templated the infill itself (Continue): the model gets the prompt
+                # as sent; the record gets its parts, so the trainer sees prefix and suffix and
+                # the suffix stops apply.
+                prompt, suffix, fim_context = split.prefix, split.suffix, split.context
+        if repo is not None:
+            suffix = suffix or ""
+        if suffix is not None and not self._has_fim():
+            raise ApiError(
+                400,
+                f"The model {self.engine.model_name} has no fill-in-the-middle "
+                "tokens, so `suffix` is not supported.",
+                param="suffix",
+            )
+        clamp = request.clamp_max_tokens or self.settings.clamp_max_tokens
+        if repo is not None:
+            prompt, suffix, fim_context, prompt_ids = await self._fit(request, repo, prompt, suffix)
         else:
-            prompt_text = prompt
+            text = prompt if suffix is None else self.fim.build(prompt, suffix, fim_context)
+            prompt_ids = await self._tokenize(text, param="prompt")
+        if suffix is not None:
+            stop += suffix_stops(suffix)
         if request.single_line:
             stop.append("\n")
-        prompt_ids = self.engine.tokenize(prompt_text)
-        max_tokens = self._max_tokens(request.max_tokens, len(prompt_ids))
+        if fim_context:
+            extra["fim_context"] = fim_context  # before <|fim_prefix|>: part of the prompt
+        max_tokens = self._max_tokens(request.max_tokens, len(prompt_ids), clamp=clamp)
+        if max_tokens != request.max_tokens and request.max_tokens is not None:
+            extra["requested_max_tokens"] = request.max_tokens
         return self._new_job(
             request=request,
             endpoint="completions",
@@ -308,7 +375,34 @@ class CompletionService:
             started=started,
             adapter=adapter,
             suffix=suffix,
+            extra_params=extra,
         )
+
+    async def _fit(
+        self, request: CompletionRequest, repo: RepoPrompt, prefix: str, suffix: str
+    ) -> tuple[str, str, str, list[int]]:
+        """Prefix, suffix, FIM context and prompt ids of ``repo``'s request, trimmed to leave
+        room for the completion (server/services/repo_context.py says what goes first)."""
+        context = self.engine.max_model_len
+        wanted = min(
+            request.max_tokens or self.settings.default_max_tokens,
+            self.settings.max_tokens_limit,
+        )
+        try:
+            fitted = await fit_prompt(
+                fim=self.fim,
+                prefix=prefix,
+                suffix=suffix,
+                repo_name=repo.name,
+                files=repo.files,
+                file_path=repo.file_path,
+                max_tokens=max(context - wanted, 1),
+                max_chars=int(context * self.settings.prompt_chars_per_token),
+                count=lambda text: asyncio.to_thread(self.engine.tokenize, text),
+            )
+        except PromptDoesNotFitError as exc:
+            raise ApiError(400, str(exc), param="prompt", code="context_length_exceeded") from exc
+        return fitted.prefix, fitted.suffix, fitted.context, fitted.token_ids
 
     async def complete(self, job: _Job) -> CompletionResponse:
         await self._drain(job)
@@ -353,7 +447,7 @@ class CompletionService:
 
     # ------------------------------------------------------------------- chat
 
-    def prepare_chat(self, request: ChatCompletionRequest, principal: Principal) -> _Job:
+    async def prepare_chat(self, request: ChatCompletionRequest, principal: Principal) -> _Job:
         started = time.perf_counter()
         self._check_common(request)
         if not request.messages:
@@ -361,8 +455,10 @@ class CompletionService:
         adapter = self._resolve_adapter(request.model, principal)
         self._check_ready()
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        prompt_text = self.engine.apply_chat_template(messages)
-        prompt_ids = self.engine.tokenize(prompt_text)
+        # The character bound first, so a huge conversation is not even templated.
+        self._check_chars(sum(len(m["content"]) for m in messages), param="messages")
+        prompt_text = await asyncio.to_thread(self.engine.apply_chat_template, messages)
+        prompt_ids = await self._tokenize(prompt_text, param="messages")
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = self._max_tokens(requested, len(prompt_ids))
         return self._new_job(

@@ -46,7 +46,14 @@ def canary_counts(
     which = Completion.adapter.in_(named)
     if None in counts:
         which = which | Completion.adapter.is_(None)
-    window = and_(Completion.created_at >= since, Completion.created_at < until, which)
+    # Alternatives sampled for CI-side exploration are no user traffic: they would weigh the
+    # version that sampled them (always the active one) with verdicts nobody was served.
+    window = and_(
+        Completion.created_at >= since,
+        Completion.created_at < until,
+        Completion.source == "serve",
+        which,
+    )
     adapter_of = dict(
         session.execute(select(Completion.id, Completion.adapter).where(window)).all()
     )

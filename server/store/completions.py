@@ -43,6 +43,9 @@ class CompletionRecord:
     latency_ms: float = 0.0
     context: dict[str, str | None] = field(default_factory=dict)
     choices: list[ChoiceRecord] = field(default_factory=list)
+    # "serve", or "resample" for an alternative sampled for CI from ``parent_id``'s context.
+    source: str = "serve"
+    parent_id: str | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -73,6 +76,8 @@ def save_completions(*, session: Session, records: Sequence[CompletionRecord]) -
             language=record.context.get("language"),
             file_path=record.context.get("file_path"),
             repository=record.context.get("repository"),
+            source=record.source,
+            parent_id=record.parent_id,
         )
         row.choices = [
             CompletionChoice(

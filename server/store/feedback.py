@@ -344,7 +344,10 @@ def adapter_stats(*, session: Session, since: datetime, until: datetime) -> list
     A completion counts as shown/accepted if any event says so; its CI verdict is its latest
     outcome (by the run's arrival), so a failure later fixed counts as passed.
     """
-    window = and_(Completion.created_at >= since, Completion.created_at < until)
+    # Served completions only: exploration's alternatives (source "resample") are no traffic.
+    window = and_(
+        Completion.created_at >= since, Completion.created_at < until, Completion.source == "serve"
+    )
     shown = select(distinct(CompletionEvent.completion_id)).where(
         CompletionEvent.type.in_(("shown", "accepted", "partially_accepted", "rejected", "edited"))
     )

