@@ -48,7 +48,13 @@ from server.engine.base import (
     UnknownAdapterError,
 )
 from server.errors import ApiError
-from server.services.fim import FIM_END_TOKENS, FimFormat, split_fim_prompt, suffix_stops
+from server.services.fim import (
+    FIM_END_TOKENS,
+    FimFormat,
+    block_stops,
+    split_fim_prompt,
+    suffix_stops,
+)
 from server.services.recorder import Recorder
 from server.services.repo_context import PromptDoesNotFitError, RepoPrompt, fit_prompt
 from server.services.rollout import RolloutService
@@ -356,6 +362,8 @@ class CompletionService:
             prompt_ids = await self._tokenize(text, param="prompt")
         if suffix is not None:
             stop += suffix_stops(suffix)
+        language = request.context.language if request.context else None
+        stop += [s for s in block_stops(prompt, language) if s not in stop]
         if request.single_line:
             stop.append("\n")
         if fim_context:

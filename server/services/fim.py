@@ -156,3 +156,29 @@ def suffix_stops(suffix: str) -> list[str]:
 
 # The start of a line of code up to its first bracket or space: "print(", "return ", "self.x ".
 _HEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*[(\[ ]")
+
+# What begins a new top-level definition in Python. Inside an indented block, a completion that
+# writes one at column 0 has finished the block and gone on to invent the next function; the
+# suffix stops miss it when that function differs from the one in the suffix (seen on real
+# projects: `def expand_sig_with_keywords(` before the suffix's `def expand_sig(sig):`), and
+# the half-written `def` it leaves breaks the whole module.
+_PYTHON_TOP_LEVEL = ("def ", "async def ", "class ", "@", "if __name__")
+
+
+def block_stops(prefix: str, language: str | None) -> list[str]:
+    """Stop strings at the end of the block the cursor is in, where the language says where
+    that is. Python only (the IDE's ``context.language``): when the cursor is inside an
+    indented block (its line is indented, or the last line before it opens or sits in one), a
+    new line at column 0 that starts a definition ends the completion. Empty otherwise."""
+    if (language or "").strip().lower() != "python":
+        return []
+    before, _, current = prefix.rpartition("\n")
+    if current.strip() == "" and current:  # an indented blank line: the block's indentation
+        inside = True
+    elif current:  # text before the cursor on its line
+        inside = current[:1] in (" ", "\t")
+    else:  # column 0 of a new line: inside if the last line of code opens or sits in a block
+        lines = [line for line in before.splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        inside = last[:1] in (" ", "\t") or last.rstrip().endswith(":")
+    return ["\n" + keyword for keyword in _PYTHON_TOP_LEVEL] if inside else []

@@ -23,7 +23,7 @@ from server.api.feedback_protocol import AlternativeOut, ResampleRequest, Resamp
 from server.api.protocol import CompletionRequest, IdeContext
 from server.errors import ApiError
 from server.services.completions import GREEDY_BELOW, CompletionService
-from server.services.fim import suffix_stops
+from server.services.fim import block_stops, suffix_stops
 from server.store.models import Completion, CompletionChoice
 from server.store.tokens import Principal
 
@@ -179,8 +179,15 @@ class ResampleService:
         params = parent.params
         single_line = bool(params.get("single_line", False))
         stops = [str(s) for s in params.get("stop") or []]  # type: ignore[union-attr]
+        # The server appended, in this order: the suffix's stops, the block stops not already
+        # there, then "\n" for single_line; it adds them again, so only the client's are kept.
+        if single_line and stops[-1:] == ["\n"]:
+            stops.pop()
+        block = set(block_stops(parent.prompt, parent.language))
+        while stops and stops[-1] in block:
+            stops.pop()
         derived = len(suffix_stops(parent.suffix)) if parent.suffix is not None else 0
-        client_stops = stops[: max(len(stops) - derived - int(single_line), 0)]
+        client_stops = stops[: max(len(stops) - derived, 0)]
         fim_context = params.get("fim_context")
         prompt, suffix = parent.prompt, parent.suffix
         if isinstance(fim_context, str) and fim_context and suffix is not None:

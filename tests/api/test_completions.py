@@ -179,3 +179,27 @@ def test_engine_failure_without_stream_is_500_and_recorded(
 
         rows = session.scalars(select(Completion)).all()
     assert [r.status for r in rows] == ["failed"]
+
+
+def test_a_python_body_stops_before_the_model_invents_the_next_function(
+    client: TestClient, auth, fake_engine
+) -> None:
+    """Seen on real projects: the model writes the body, then a new top-level ``def`` unlike the
+    suffix's, runs to max_tokens and leaves a half-written function that breaks the module."""
+    fake_engine.reply = lambda prompt, adapter, i: (
+        "return x + 1\n\n\ndef expand_sig_with_keywords(sig, kw"
+    )
+    request = {
+        "model": "fake-model",
+        "prompt": "def inc(x):\n    ",
+        "suffix": "\n\ndef expand_sig(sig):\n    return sig\n",
+        "max_tokens": 40,
+    }
+    python = {**request, "context": {"language": "python", "file_path": "m.py"}}
+    response = client.post("/v1/completions", headers=auth["ide"], json=python)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    assert choice["text"] == "return x + 1\n\n" and choice["finish_reason"] == "stop"
+    # Without a language there is no block rule: the suffix stops alone miss this one.
+    response = client.post("/v1/completions", headers=auth["ide"], json=request)
+    assert "def expand_sig_with" in response.json()["choices"][0]["text"]

@@ -8,6 +8,7 @@ from server.services.fim import (
     FimFormat,
     RepoFile,
     SplitPrompt,
+    block_stops,
     repo_context,
     split_fim_prompt,
     suffix_stops,
@@ -93,3 +94,23 @@ def test_file_level_prompt_is_split_without_context() -> None:
 )
 def test_other_prompts_are_not_split(prompt: str) -> None:
     assert split_fim_prompt(prompt) is None
+
+
+@pytest.mark.parametrize(
+    ("prefix", "inside"),
+    [
+        ("def f(x):\n    ", True),  # the body's indentation
+        ("def f(x):\n    y = ", True),  # mid-line in the body
+        ("def f(x):\n", True),  # column 0 under a block opener
+        ("class A:\n    def m(self):\n        return 1\n", True),  # column 0 after a body line
+        ("import os\n", False),  # top level
+        ("x = ", False),
+        ("", False),
+    ],
+)
+def test_python_block_stops_only_inside_a_block(prefix: str, inside: bool) -> None:
+    stops = block_stops(prefix, "python")
+    assert ("\ndef " in stops) is inside
+    assert ("\nclass " in stops) is inside
+    assert block_stops(prefix, "rust") == []  # no rule for other languages
+    assert block_stops(prefix, None) == []
