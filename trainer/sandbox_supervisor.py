@@ -189,9 +189,9 @@ def build_view(view: dict) -> None:
     from PID 1 of the new PID namespace)."""
     root = view["root"]
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
-    for path in view["ro"]:
-        bind(root, path, writable=False)
     size = view["tmpfs_bytes"]
+    # The private directories first, the runtime's paths on top: an interpreter or venv that
+    # lives under /tmp or /run (a checkout in /tmp, as CI may make) must stay visible.
     tmpfs(root, "/tmp", 0o1777, size)
     tmpfs(root, "/run", 0o755, 1024 * 1024)
     tmpfs(root, "/dev", 0o755, 1024 * 1024)
@@ -205,6 +205,8 @@ def build_view(view: dict) -> None:
     ):
         os.symlink(target, _inside(root, "/dev/" + name))
     tmpfs(root, "/dev/shm", 0o1777, size)
+    for path in view["ro"]:
+        bind(root, path, writable=False)
     for path in view["rw"]:  # the run's directory, under the private /tmp
         bind(root, path, writable=True)
     os.makedirs(_inside(root, "/proc"), mode=0o555, exist_ok=True)

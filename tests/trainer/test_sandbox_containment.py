@@ -296,3 +296,23 @@ def test_without_the_view_file_modes_keep_the_database_private(
         assert "Permission denied" in other.stderr
     finally:
         shutil.rmtree(home)
+
+
+def test_an_interpreter_under_tmp_keeps_the_filesystem_view(
+    viewed: Sandbox, tmp_path: Path
+) -> None:
+    """A checkout under /tmp (as a CI job may make one) has its venv there: the view's private
+    /tmp once hid it, the probe fell back to running programs as root with no namespaces, and
+    the sandbox tests skipped instead of failing."""
+    import sys
+
+    assert str(tmp_path).startswith("/tmp/")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    under_tmp = Sandbox(LIMITS, python=str(venv / "bin" / "python"))
+    assert under_tmp.filesystem_isolated and under_tmp.network_isolated
+    assert under_tmp.run_uids == viewed.run_uids
+    result = under_tmp.run_test("def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3\n")
+    assert result.passed, result
+    seen = under_tmp.run_python(f"import os\nprint(os.path.exists({str(REPO / 'README.md')!r}))\n")
+    assert seen.stdout.strip() == "False", seen
