@@ -197,7 +197,9 @@ TRICKS = [
     Trick(
         "interrupt the main thread during the test",
         "import _thread\ndef add(a, b):\n    _thread.interrupt_main()\n    return a - b\n",
-        reason="raises KeyboardInterrupt during the test",
+        # The interrupt is delivered when the main thread next checks for signals: the test's
+        # own assert may fail first (seen under load in CI), a plain failure. Never a pass.
+        runtime="any",
     ),
     Trick(
         # A fresh _signal module (no audit event), a handler that gets a frame for free, walks
