@@ -79,7 +79,6 @@ import platform
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -105,6 +104,10 @@ from benchmarks.common import (
     port_is_free,
     raise_keyboard_interrupt,
     ratio,
+    resolve_model,
+    run_kaizen,
+    server_env,
+    stream_completion,
     write_results,
 )
 
@@ -248,62 +251,14 @@ class World:
     base_sha256: str
 
 
-def resolve_model(spec: str, home: Path) -> tuple[Path, str]:
-    """The model directory and served name for ``--model``: bundled, tiny or a directory."""
-    if spec == "bundled":
-        from server.config import Settings
-        from server.engine.vllm_engine import resolve_model_dir
-        from server.model_prep import BUNDLED_MODEL_NAME
-
-        return resolve_model_dir(Settings(model="bundled")), str(BUNDLED_MODEL_NAME)
-    if spec == "tiny":
-        from tests.utils.tiny_model import build_tiny_model
-
-        return build_tiny_model(home / "tiny-model"), "tiny"
-    path = Path(spec).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"--model {spec}: not a Hugging Face model directory (no config.json)")
-    return path, path.name
-
-
-def server_env(world_home: Path, database_url: str, args: argparse.Namespace) -> dict[str, str]:
+def world_env(world_home: Path, database_url: str) -> dict[str, str]:
     """The caller's environment minus KAIZEN_* and the KV-cache variable, plus this run's."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("KAIZEN_") and k != "VLLM_CPU_KVCACHE_SPACE"
-    }
-    env.update(
-        {
-            "KAIZEN_HOME": str(world_home),
-            "KAIZEN_DATABASE_URL": database_url,
-            "KAIZEN_ADAPTERS": "{}",
-            "KAIZEN_HOST": LOOPBACK,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
+    return server_env(
+        KAIZEN_HOME=str(world_home),
+        KAIZEN_DATABASE_URL=database_url,
+        KAIZEN_ADAPTERS="{}",
+        KAIZEN_HOST=LOOPBACK,
     )
-    return env
-
-
-def run_kaizen(step: list[str], env: dict[str, str], cwd: Path) -> str:
-    done = subprocess.run(
-        [*kaizen_command(), *step],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"`kaizen {' '.join(step)}` failed ({done.returncode}):\n{done.stdout}{done.stderr}"
-        )
-    return done.stdout
 
 
 def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> World:
@@ -314,9 +269,8 @@ def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> Wo
     from server.store.rollout import set_rollout_state
     from server.store.tokens import Role, create_token
 
-    model_dir, served_name = resolve_model(args.model, home)
-    env = server_env(home, database_url, args)
-    run_kaizen(["db", "upgrade"], env, home)
+    model_dir, served_name = resolve_model(args.model, scratch=home)
+    run_kaizen(["db", "upgrade"], env=world_env(home, database_url), cwd=home)
     base_sha256 = str(base_fingerprint(model_dir)["sha256"])
     adapters: dict[str, str] = {}
     manifests: dict[str, dict[str, Any]] = {}
@@ -388,7 +342,7 @@ def start_replicas(world: World, args: argparse.Namespace) -> list[Replica]:
             port = args.port_base + i - 1
             if not port_is_free(port):
                 raise RuntimeError(f"port {port} is in use; pick another --port-base")
-            env = server_env(world.home, world.database_url, args)
+            env = world_env(world.home, world.database_url)
             env.update(
                 {
                     "KAIZEN_MODEL": str(world.model_dir),
@@ -490,44 +444,18 @@ def request_body(served_name: str, prompt: int, max_tokens: int) -> dict[str, An
 
 
 async def one_request(client: httpx.AsyncClient, req: Req, body: dict[str, Any], t0: float) -> Req:
-    parts: list[str] = []
-    done = False
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            req.status = response.status_code
-            req.adapter = response.headers.get(ADAPTER_HEADER)
-            if response.status_code != 200:
-                content = (await response.aread())[:500].decode(errors="replace")
-                req.error = f"HTTP {response.status_code}: {content}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    payload = json.loads(data)
-                    if "error" in payload:
-                        req.error = f"error chunk: {json.dumps(payload['error'])[:500]}"
-                        continue
-                    req.id = req.id or payload.get("id")
-                    for choice in payload.get("choices") or []:
-                        text = choice.get("text") or ""
-                        if text and req.ttft is None:
-                            req.ttft = time.perf_counter() - t0 - req.start
-                        parts.append(text)
-                    usage = payload.get("usage")
-                    if usage:
-                        req.completion_tokens = int(usage["completion_tokens"])
-                if req.error is None and not done:
-                    req.error = "the stream ended without data: [DONE]"
-                if req.error is None and req.adapter is None:
-                    req.error = f"no {ADAPTER_HEADER} header"
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as exc:
-        req.error = f"{type(exc).__name__}: {exc}"
+    streamed = await stream_completion(client, "/v1/completions", body)
     req.end = time.perf_counter() - t0
-    req.text = "".join(parts)
+    req.status = streamed.status
+    req.adapter = streamed.headers.get(ADAPTER_HEADER)
+    if streamed.ttft_s is not None:  # counted from req.start, as req.end is
+        req.ttft = streamed.started - t0 - req.start + streamed.ttft_s
+    req.completion_tokens = streamed.completion_tokens
+    req.text = streamed.text
+    req.id = streamed.response_id
+    req.error = streamed.error
+    if req.error is None and req.adapter is None:
+        req.error = f"no {ADAPTER_HEADER} header"
     req.ok = req.error is None
     return req
 

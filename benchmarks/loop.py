@@ -46,10 +46,17 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LOOPBACK, REPO_ROOT, RESULTS_DIR, ServerProcess, utc_stamp
+from benchmarks.common import (
+    LOOPBACK,
+    REPO_ROOT,
+    RESULTS_DIR,
+    ServerProcess,
+    kaizen_command,
+    resolve_model,
+    utc_stamp,
+)
 from benchmarks.simulate import DEFAULT_DATA, simulate
 from server.config import Settings
-from server.engine.vllm_engine import resolve_model_dir
 from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from trainer.config import TrainConfig
@@ -90,7 +97,9 @@ class Loop:
             home=self.home,
             model_cache=cache or Settings(_env_file=None).model_cache,  # type: ignore[call-arg]
         )
-        self.model_dir = resolve_model_dir(self.settings)
+        self.model_dir = resolve_model(
+            self.settings.model, model_cache=self.settings.model_cache
+        ).path
         upgrade(self.settings.database_url)
         _setup_logging()  # Alembic's logging config turned ours off
         self.db = make_engine(self.settings.database_url)
@@ -159,10 +168,9 @@ class Loop:
             "KAIZEN_DATABASE_URL": self.settings.database_url,
             "KAIZEN_ADAPTERS": json.dumps({adapter[0]: str(adapter[1])} if adapter else {}),
         }
-        kaizen = str(Path(sys.executable).with_name("kaizen"))
         server = ServerProcess(
             "kaizen serve",
-            [kaizen, "serve"],
+            [*kaizen_command(), "serve"],
             env=env,
             cwd=REPO_ROOT,
             log_path=self.home / f"server-round{k}.log",

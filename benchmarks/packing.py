@@ -42,10 +42,8 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `trainer` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import git_commit, write_results
+from benchmarks.common import git_commit, resolve_model, write_results
 from benchmarks.simulate import DEFAULT_DATA, canonical_fixes
-from server.config import Settings
-from server.engine.vllm_engine import resolve_model_dir
 from server.services.fim import FimFormat
 from trainer.config import TrainConfig
 from trainer.pairs import Pair
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {list(MODES)}")
 
-    model_dir = Path(args.model) if args.model else resolve_model_dir(Settings(_env_file=None))
+    model_dir = resolve_model(args.model).path
     if args.pairs_file:
         pairs = load_pairs_file(Path(args.pairs_file), args.pairs)
     else:

@@ -41,14 +41,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
-import json
 import os
 import platform
 import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +70,10 @@ from benchmarks.common import (
     port_is_free,
     raise_keyboard_interrupt,
     ratio,
+    resolve_model,
+    run_kaizen,
+    server_env,
+    stream_completion,
     write_results,
 )
 
@@ -245,50 +247,23 @@ class LoadResult:
 async def _one_request(
     client: httpx.AsyncClient, index: int, task_id: str, body: dict[str, Any]
 ) -> RequestResult:
-    result = RequestResult(index=index, task_id=task_id, ok=False)
-    parts: list[str] = []
-    done = False
-    started = time.perf_counter()
-    try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                content = (await response.aread())[:500].decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {content}"
-            else:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    arrived = time.perf_counter()
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        done = True
-                        break
-                    payload = json.loads(data)
-                    if "error" in payload:
-                        result.error = f"in-stream error: {payload['error']}"
-                        continue
-                    result.response_id = result.response_id or payload.get("id")
-                    for choice in payload.get("choices") or []:
-                        text = choice.get("text") or ""
-                        if text and result.ttft_ms is None:
-                            result.ttft_ms = (arrived - started) * 1000
-                        parts.append(text)
-                        if choice.get("finish_reason"):
-                            result.finish_reason = choice["finish_reason"]
-                    usage = payload.get("usage")
-                    if usage:
-                        result.prompt_tokens = int(usage["prompt_tokens"])
-                        result.completion_tokens = int(usage["completion_tokens"])
-        if result.error is None and not done:
-            result.error = "the stream ended without [DONE]"
-        if result.error is None and result.completion_tokens is None:
-            result.error = "no usage chunk"
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-    result.latency_ms = (time.perf_counter() - started) * 1000
-    result.text = "".join(parts)
-    result.ok = result.error is None
-    return result
+    streamed = await stream_completion(client, "/v1/completions", body)
+    error = streamed.error
+    if error is None and streamed.completion_tokens is None:
+        error = "no usage chunk"
+    return RequestResult(
+        index=index,
+        task_id=task_id,
+        ok=error is None,
+        ttft_ms=None if streamed.ttft_s is None else streamed.ttft_s * 1000,
+        latency_ms=streamed.total_s * 1000,
+        prompt_tokens=streamed.prompt_tokens,
+        completion_tokens=streamed.completion_tokens,
+        finish_reason=streamed.finish_reason,
+        response_id=streamed.response_id,
+        text=streamed.text,
+        error=error,
+    )
 
 
 async def run_load(
@@ -375,22 +350,7 @@ class EngineSettings:
 def base_env(settings: EngineSettings) -> dict[str, str]:
     """The environment both servers run with: the caller's minus any KAIZEN_* / KV-cache
     settings, plus the shared KV-cache size and no network."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("KAIZEN_") and k != "VLLM_CPU_KVCACHE_SPACE"
-    }
-    env.update(
-        {
-            "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
+    return server_env(VLLM_CPU_KVCACHE_SPACE=str(settings.kv_cache_gib))
 
 
 def vllm_command() -> list[str]:
@@ -491,33 +451,20 @@ def start_kaizen(
             "KAIZEN_MAX_TOKENS_LIMIT": str(max(1024, max_tokens)),
         }
     )
-    kaizen = kaizen_command()
     log_path = workdir / "server.log"
-    with log_path.open("ab") as log:
-        for step in (["db", "upgrade"], ["tokens", "create", "--role", "ide", "--name", "bench"]):
-            log.write(f"$ {' '.join([*kaizen, *step])}\n".encode())
-            log.flush()
-            done = subprocess.run(
-                [*kaizen, *step],
-                env=env,
-                cwd=workdir,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            log.write((done.stdout + done.stderr).encode())
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"`kaizen {' '.join(step)}` failed ({done.returncode}); log: {log_path}\n"
-                    f"{done.stdout}{done.stderr}"
-                )
-    secrets = [line.strip() for line in done.stdout.splitlines() if line.strip()]
+    run_kaizen(["db", "upgrade"], env=env, cwd=workdir, log_path=log_path)
+    created = run_kaizen(
+        ["tokens", "create", "--role", "ide", "--name", "bench"],
+        env=env,
+        cwd=workdir,
+        log_path=log_path,
+    )
+    secrets = [line.strip() for line in created.splitlines() if line.strip()]
     if not secrets:
         raise RuntimeError(f"`kaizen tokens create` printed no secret; log: {log_path}")
     token = secrets[-1]
     process = ServerProcess(
-        "kaizen serve", [*kaizen, "serve"], env=env, cwd=workdir, log_path=log_path
+        "kaizen serve", [*kaizen_command(), "serve"], env=env, cwd=workdir, log_path=log_path
     )
     url = f"http://{LOOPBACK}:{port}"
     try:
@@ -813,27 +760,6 @@ def print_tables(report: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------ main
 
 
-def resolve_model(spec: str, scratch: Path) -> tuple[Path, str]:
-    """The model directory and served name for ``--model``: bundled, tiny or a directory."""
-    if spec == "bundled":
-        try:
-            from server.model_prep import BUNDLED_MODEL_NAME, prepare_bundled_model
-        except ImportError as exc:
-            raise SystemExit(
-                f"--model bundled needs server/model_prep.py ({exc}); use --model tiny or a path"
-            ) from exc
-        path = prepare_bundled_model(Path.home() / ".kaizen" / "models")
-        return Path(path), str(BUNDLED_MODEL_NAME)
-    if spec == "tiny":
-        from tests.utils.tiny_model import build_tiny_model
-
-        return build_tiny_model(scratch / "tiny-model"), "tiny"
-    path = Path(spec).expanduser().resolve()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"--model {spec}: not a Hugging Face model directory (no config.json)")
-    return path, path.name
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Kaizen vs plain `vllm serve`: TTFT and throughput under concurrent load.",
@@ -970,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"logs and scratch files: {scratch}")
     failed = True
     try:
-        model_dir, served_name = resolve_model(args.model, scratch)
+        model_dir, served_name = resolve_model(args.model, scratch=scratch)
         settings = EngineSettings(
             model_dir=model_dir,
             served_name=served_name,

@@ -61,6 +61,9 @@ from benchmarks.common import (  # noqa: E402
     git_commit,
     kaizen_command,
     percentile,
+    resolve_model,
+    server_env,
+    stream_completion,
     write_results,
 )
 
@@ -159,31 +162,27 @@ def stored_rows(url: str) -> tuple[set[str], int, int]:
 async def one_request(client: httpx.AsyncClient, body: dict[str, Any], t0: float) -> Outcome:
     started = time.monotonic()
     out = Outcome(started=started - t0, latency=0.0, status="transport")
-    try:
-        if body["stream"]:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                out.status = str(response.status_code)
-                done, failed = False, False
-                async for line in response.aiter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            failed = True
-                        out.completion_id = out.completion_id or chunk.get("id")
-                    done = done or line == "data: [DONE]"
-                if response.status_code == 200 and failed:
-                    out.status = "stream_error"
-                out.acknowledged = response.status_code == 200 and done and not failed
+    if body["stream"]:
+        streamed = await stream_completion(client, "/v1/completions", body)
+        out.completion_id = streamed.response_id
+        out.acknowledged = streamed.ok
+        if streamed.status is None or (streamed.status == 200 and streamed.failure == "transport"):
+            out.status = "transport"  # no answer, or the answer was cut off
+        elif streamed.status == 200 and streamed.failure == "event":
+            out.status = "stream_error"
         else:
+            out.status = str(streamed.status)
+    else:
+        try:
             response = await client.post("/v1/completions", json=body)
             out.status = str(response.status_code)
             if response.status_code == 200:
                 out.completion_id = response.json()["id"]
                 out.acknowledged = True
-    except (httpx.HTTPError, json.JSONDecodeError):
-        out.acknowledged = False
-        if out.status == "200":
-            out.status = "transport"  # the answer was cut off
+        except (httpx.HTTPError, json.JSONDecodeError):
+            out.acknowledged = False
+            if out.status == "200":
+                out.status = "transport"  # the answer was cut off
     out.latency = time.monotonic() - started
     return out
 
@@ -377,17 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     args.db_name, args.database_url = create_database(args.admin_url)
     servers: list[ServerProcess] = []
     try:
-        from benchmarks.hotswap import resolve_model
-
-        model_dir, args.served_name = resolve_model(args.model, home)
+        model_dir, args.served_name = resolve_model(args.model, scratch=home)
         upgrade(args.database_url)
         db = make_engine(args.database_url)
         with make_session_factory(db)() as session:
             _, secret = create_token(session=session, name="soak", role=Role.IDE)
         db.dispose()
         tiny = args.model == "tiny"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KAIZEN_")}
-        env.update(
+        env = server_env(
             KAIZEN_HOME=str(home),
             KAIZEN_DATABASE_URL=args.database_url,
             KAIZEN_MODEL=str(model_dir),
