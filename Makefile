@@ -32,6 +32,7 @@ serve: install
 
 test: install
 	cd plugins/vscode && npm ci --no-audit --no-fund --loglevel=error && npm test
+	$(VENV)/bin/lint-imports --no-cache  # the layers of ARCHITECTURE.md
 	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: install

@@ -263,8 +263,8 @@ def world_env(world_home: Path, database_url: str) -> dict[str, str]:
 
 def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> World:
     """Migrate the database, create the tokens, write and register the two adapters."""
-    from server.engine.adapters import base_fingerprint
-    from server.store import adapters as registry
+    from server.engine.lora import base_fingerprint
+    from server.store import registry
     from server.store.db import make_engine, make_session_factory
     from server.store.rollout import set_rollout_state
     from server.store.tokens import Role, create_token

@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `trainer
 
 from benchmarks.common import git_commit, resolve_model, write_results
 from benchmarks.simulate import DEFAULT_DATA, canonical_fixes
-from server.services.fim import FimFormat
+from server.engine.fim import FimFormat
 from trainer.config import TrainConfig
 from trainer.pairs import Pair
 from trainer.tasks import load_mbpp

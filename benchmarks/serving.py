@@ -20,7 +20,7 @@ Same work for both:
   inside the function body (seeded) into prefix and suffix. Kaizen gets
   ``{"prompt": prefix, "suffix": suffix}``; ``vllm serve`` (which refuses ``suffix``) gets the
   pre-built ``<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>`` plus the stop strings
-  (``server.services.fim.suffix_stops``) and stop token ids (``FIM_END_TOKENS``) Kaizen computes.
+  (``server.engine.fim.suffix_stops``) and stop token ids (``FIM_END_TOKENS``) Kaizen computes.
   Temperature 0, the same ``max_tokens``; ``vllm serve`` runs with ``--generation-config vllm``
   because Kaizen does not apply the checkpoint's ``generation_config.json`` sampling defaults.
 * Engine: same model directory, served name, dtype, max_model_len, LoRA enabled with the same
@@ -113,7 +113,7 @@ class FimCase:
     stops: tuple[str, ...]
 
     def fim_prompt(self) -> str:
-        from server.services.fim import FimFormat
+        from server.engine.fim import FimFormat
 
         return FimFormat().build(self.prefix, self.suffix)
 
@@ -156,7 +156,7 @@ def split_code(
 
 
 def load_cases(path: Path | None, seed: int, hole_lines: int = 1) -> list[FimCase]:
-    from server.services.fim import suffix_stops
+    from server.engine.fim import suffix_stops
     from trainer.tasks import read_mbpp_rows
 
     cases: list[FimCase] = []
@@ -209,7 +209,7 @@ def fim_end_token_ids(model_dir: Path) -> list[int]:
     """The ids of ``FIM_END_TOKENS``, looked up exactly as Kaizen's engine does."""
     from transformers import AutoTokenizer
 
-    from server.services.fim import FIM_END_TOKENS
+    from server.engine.fim import FIM_END_TOKENS
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids: list[int] = []

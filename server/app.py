@@ -24,11 +24,12 @@ from server.api.main import api_router
 from server.api.openapi import install_openapi
 from server.config import Settings, get_settings
 from server.engine.base import Engine
+from server.services.adapter_sync import AdapterSync
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
 from server.services.recorder import DurableAckMiddleware, Recorder
-from server.services.rollout import RolloutService
+from server.services.rollout_ops import RolloutOps
 from server.store.db import check_migrated, make_engine, make_session_factory
 from server.store.journal import Journal
 
@@ -42,14 +43,14 @@ def build_engine(settings: Settings) -> Engine:
     return VllmEngine.from_settings(settings)
 
 
-async def _start_engine(engine: Engine, rollout: RolloutService) -> None:
+async def _start_engine(engine: Engine, adapter_sync: AdapterSync) -> None:
     try:
         await engine.start()
         log.info("event=engine_ready model=%s", engine.model_name)
     except Exception:
         log.exception("event=engine_start_failed model=%s", engine.model_name)
         raise
-    await rollout.run()  # loads the registry's versions, then follows its changes
+    await adapter_sync.run()  # loads the registry's versions, then follows its changes
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -78,16 +79,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             outage_grace=settings.auth_outage_grace_seconds,
             outage_cache_size=settings.auth_outage_cache_size,
         )
-        rollout = RolloutService(
+        adapter_sync = AdapterSync(
             engine=model_engine, session_factory=session_factory, settings=settings
         )
-        rollout.prime()
-        app.state.rollout = rollout
+        adapter_sync.prime()
+        app.state.adapter_sync = adapter_sync
+        app.state.rollout = RolloutOps(adapter_sync)
         app.state.completion_service = CompletionService(
-            engine=model_engine, recorder=recorder, settings=settings, router=rollout
+            engine=model_engine, recorder=recorder, settings=settings, router=adapter_sync.router
         )
         app.state.feedback_service = FeedbackService(session_factory, recorder)
-        app.state.engine_task = asyncio.create_task(_start_engine(model_engine, rollout))
+        app.state.engine_task = asyncio.create_task(_start_engine(model_engine, adapter_sync))
         try:
             yield
         finally:

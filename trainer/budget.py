@@ -10,7 +10,7 @@ context, ``KAIZEN_MAX_MODEL_LEN``) then holds for selection and training alike, 
 truncates anything.
 
 A pair whose prompt held repository context (the other files before ``<|fim_prefix|>``, see
-:func:`server.services.fim.repo_context`) loses that context first, as the server drops
+:func:`server.engine.fim.repo_context`) loses that context first, as the server drops
 snippets before it cuts the prefix; only then are the prefix and suffix cut.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.services.fim import FimFormat
+from server.engine.fim import FimFormat
 from trainer.pairs import Pair
 
 __all__ = ["FitResult", "fit_pairs"]

@@ -47,7 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store.models import Adapter
 from trainer.evaluate import (
     SUITES,

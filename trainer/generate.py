@@ -2,7 +2,7 @@
 
 A request reads to the model exactly as it would through Kaizen's server: the same
 fill-in-the-middle prompt, stop strings and stop tokens (:func:`prepare_request` builds them with
-the server's own :mod:`server.services.fim`), so what the trainer samples and scores is what users
+the server's own :mod:`server.engine.fim`), so what the trainer samples and scores is what users
 are served.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
-from server.engine.adapters import read_adapter_rank
+from server.engine.fim import FIM_END_TOKENS, FimFormat, suffix_stops
+from server.engine.lora import read_adapter_rank
 from server.engine.vllm_engine import apply_cpu_binding, install_process_guard, scheduler_args
-from server.services.fim import FIM_END_TOKENS, FimFormat, suffix_stops
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

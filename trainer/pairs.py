@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from server.services.fim import FimFormat
+from server.engine.fim import FimFormat
 from server.store.repositories import normalise_repository
 from trainer.records import OutcomeRecord
 from trainer.sandbox import RunResult, Sandbox

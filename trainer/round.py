@@ -32,7 +32,7 @@ from typing import Any, Protocol, get_args
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store import rounds as round_store
 from server.store.governance import excluded_repositories
 from server.store.models import Adapter, ApiToken, Completion
@@ -489,8 +489,7 @@ def run_round(
         selected = [p for p in pairs if p.id in keep]
         funnel["selection"] = chosen["funnel"]
         funnel["selected_by_source"] = {
-            source: sum(1 for p in selected if p.source == source)
-            for source in get_args(Source)
+            source: sum(1 for p in selected if p.source == source) for source in get_args(Source)
         }
         save(funnel=funnel, durations=durations)
 

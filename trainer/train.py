@@ -49,7 +49,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from server.engine.adapters import base_fingerprint
+from server.engine.lora import base_fingerprint
 from trainer.budget import fit_pairs
 from trainer.config import TrainConfig
 from trainer.packing import (

@@ -277,7 +277,7 @@ def gate_and_canary(
     """Gate a candidate; an approved one becomes the canary when ``canary`` and automatic
     rollout is on (not paused, nothing pinned). Returns the decision, reasons and changes.
     ``suites`` (name -> tasks) replaces the configured suites (tests use toy ones)."""
-    from server.services.rollout import RolloutError, promote
+    from server.store.rollout import RolloutError, promote
     from trainer.gate import run_gate
     from trainer.sandbox import Sandbox
 

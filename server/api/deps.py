@@ -12,7 +12,7 @@ from server.errors import ApiError
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
-from server.services.rollout import RolloutService
+from server.services.rollout_ops import RolloutOps
 from server.store.tokens import Principal, Role
 
 
@@ -29,7 +29,7 @@ async def get_feedback(request: Request) -> FeedbackService:
     return request.app.state.feedback_service
 
 
-async def get_rollout(request: Request) -> RolloutService:
+async def get_rollout(request: Request) -> RolloutOps:
     return request.app.state.rollout
 
 
@@ -104,7 +104,7 @@ def require_roles(*roles: Role):  # type: ignore[no-untyped-def]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
-RolloutDep = Annotated[RolloutService, Depends(get_rollout)]
+RolloutDep = Annotated[RolloutOps, Depends(get_rollout)]
 AnyRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.CI, Role.OPS))]
 IdeRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.OPS))]
 CiRole = Annotated[Principal, Depends(require_roles(Role.CI, Role.OPS))]

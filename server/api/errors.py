@@ -13,8 +13,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.protocol import ErrorDetail, ErrorResponse
 from server.errors import ApiError
+from server.protocol.completions import ErrorDetail, ErrorResponse
 from server.store.journal import DatabaseUnavailableError, is_database_unavailable
 
 log = logging.getLogger(__name__)

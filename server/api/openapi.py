@@ -25,8 +25,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from server.api.protocol import ChatCompletionChunk, ErrorResponse
 from server.config import Settings
+from server.protocol.completions import ChatCompletionChunk, ErrorResponse
 from server.store.tokens import Role
 
 # Models the spec refers to that no route's response_model brings in.

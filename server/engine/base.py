@@ -74,7 +74,7 @@ class Engine(Protocol):
 
     async def add_adapter(self, name: str, path: str) -> AdapterInfo:
         """Load a LoRA adapter under a new ``name``; raises
-        :class:`server.engine.adapters.AdapterRejectedError` for one it cannot serve."""
+        :class:`server.engine.lora.AdapterRejectedError` for one it cannot serve."""
 
     async def remove_adapter(self, name: str) -> None:
         """Unload an adapter; requests already running with it are not affected."""

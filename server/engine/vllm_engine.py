@@ -24,11 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.config import Settings
-from server.engine.adapters import (
-    AdapterRejectedError,
-    base_fingerprint,
-    check_adapter,
-)
 from server.engine.base import (
     AdapterInfo,
     ChoiceDelta,
@@ -36,6 +31,11 @@ from server.engine.base import (
     EngineNotReadyError,
     GenerationParams,
     UnknownAdapterError,
+)
+from server.engine.lora import (
+    AdapterRejectedError,
+    base_fingerprint,
+    check_adapter,
 )
 
 if TYPE_CHECKING:

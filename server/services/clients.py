@@ -30,9 +30,12 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.feedback_protocol import Event, EventBatch, LedgerBatch, LedgerEntryIn
-from server.api.protocol import CompletionRequest, IdeContext
-from server.api.tabby_protocol import (
+from server.config import Settings
+from server.engine.fim import RepoFile
+from server.errors import ApiError
+from server.protocol.completions import CompletionRequest, IdeContext
+from server.protocol.feedback import Event, EventBatch, LedgerBatch, LedgerEntryIn
+from server.protocol.tabby import (
     TabbyChoice,
     TabbyCompletionRequest,
     TabbyCompletionResponse,
@@ -42,11 +45,8 @@ from server.api.tabby_protocol import (
     TabbyModels,
     TabbyVersion,
 )
-from server.config import Settings
-from server.errors import ApiError
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
-from server.services.fim import RepoFile
 from server.services.recorder import Recorder
 from server.services.repo_context import RepoPrompt
 from server.store.models import ApiToken, Completion

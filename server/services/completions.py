@@ -21,7 +21,23 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from server.api.protocol import (
+from server.config import Settings
+from server.engine.base import (
+    ChoiceDelta,
+    Engine,
+    EngineNotReadyError,
+    GenerationParams,
+    UnknownAdapterError,
+)
+from server.engine.fim import (
+    FIM_END_TOKENS,
+    FimFormat,
+    block_stops,
+    split_fim_prompt,
+    suffix_stops,
+)
+from server.errors import ApiError
+from server.protocol.completions import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -39,25 +55,9 @@ from server.api.protocol import (
     SamplingRequest,
     Usage,
 )
-from server.config import Settings
-from server.engine.base import (
-    ChoiceDelta,
-    Engine,
-    EngineNotReadyError,
-    GenerationParams,
-    UnknownAdapterError,
-)
-from server.errors import ApiError
-from server.services.fim import (
-    FIM_END_TOKENS,
-    FimFormat,
-    block_stops,
-    split_fim_prompt,
-    suffix_stops,
-)
 from server.services.recorder import Recorder
 from server.services.repo_context import PromptDoesNotFitError, RepoPrompt, fit_prompt
-from server.services.rollout import RolloutService
+from server.services.routing import Router
 from server.store.completions import ChoiceRecord, CompletionRecord
 from server.store.tokens import Principal
 
@@ -100,7 +100,7 @@ class CompletionService:
         recorder: Recorder,
         settings: Settings,
         fim: FimFormat | None = None,
-        router: RolloutService | None = None,
+        router: Router | None = None,
     ) -> None:
         self.engine = engine
         self.router = router

@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.feedback_protocol import (
+from server.errors import ApiError
+from server.protocol.feedback import (
     AdapterStatsOut,
     CompletionDetailOut,
     EventBatch,
@@ -26,7 +27,6 @@ from server.api.feedback_protocol import (
     Refusal,
     StatsResponse,
 )
-from server.errors import ApiError
 from server.services.recorder import Recorder
 from server.store import feedback as store
 from server.store.repositories import normalise_repository

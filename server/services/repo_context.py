@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from server.services.fim import FimFormat, RepoFile, repo_context
+from server.engine.fim import FimFormat, RepoFile, repo_context
 
 # Tokenise a text (in a worker thread: the caller decides) and return its ids.
 TokenCounter = Callable[[str], Awaitable[list[int]]]

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.api.feedback_protocol import AlternativeOut, ResampleRequest, ResampleResponse
-from server.api.protocol import CompletionRequest, IdeContext
+from server.engine.fim import block_stops, suffix_stops
 from server.errors import ApiError
+from server.protocol.completions import CompletionRequest, IdeContext
+from server.protocol.feedback import AlternativeOut, ResampleRequest, ResampleResponse
 from server.services.completions import GREEDY_BELOW, CompletionService
-from server.services.fim import block_stops, suffix_stops
 from server.store.models import Completion, CompletionChoice
 from server.store.tokens import Principal
 

@@ -1,4 +1,4 @@
-"""ORM models. API schemas live apart, in ``server/api/protocol.py``."""
+"""ORM models. API schemas live apart, in ``server/protocol/completions.py``."""
 
 from __future__ import annotations
 
@@ -91,9 +91,7 @@ class ApiToken(Base):
     # False: a ``ci`` token reports on (and reads the ledgers of) only the repositories in
     # ``repositories``. True: every repository (a single-team install; tokens made before
     # repository scoping existed).
-    all_repositories: Mapped[bool] = mapped_column(
-        Boolean, default=False, server_default=sa_true()
-    )
+    all_repositories: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_true())
 
     repositories: Mapped[list[ApiTokenRepository]] = relationship(
         back_populates="token", lazy="selectin", cascade="all, delete-orphan"

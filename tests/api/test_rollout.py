@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.app import create_app
 from server.config import Settings
-from server.services.rollout import in_canary
-from server.store import adapters as registry
+from server.services.routing import in_canary
+from server.store import registry
 from server.store.completions import ChoiceRecord, CompletionRecord, save_completions
 from server.store.feedback import save_events, save_outcome
 from tests.utils.adapters import BASE_SHA, approved_adapter, make_adapter_dir
@@ -310,7 +310,7 @@ def test_the_canary_is_judged_by_its_sequential_test(
         approved_adapter(session_factory, tmp_path, "canary")
         promote(client, auth, "active", "active")
         promote(client, auth, "canary", "canary")
-        rollout = client.app.state.rollout  # type: ignore[attr-defined]
+        rollout = client.app.state.adapter_sync  # type: ignore[attr-defined]
         _traffic(session_factory, "active", 200, accepted=160, passed=160)  # 0.8 and 0.8
         _traffic(session_factory, "canary", 9, accepted=9, passed=9)
         assert rollout.judge_canary() == []  # 9 < 10 samples on the canary's side
@@ -378,12 +378,12 @@ def test_a_version_that_left_routing_is_unloaded_once_idle(
         approved_adapter(session_factory, tmp_path, "v1")
         approved_adapter(session_factory, tmp_path, "v2")
         promote(client, auth, "v1", "active")
-        rollout = client.app.state.rollout  # type: ignore[attr-defined]
-        rollout.acquire("v1")  # a request still streaming from v1
+        adapter_sync = client.app.state.adapter_sync  # type: ignore[attr-defined]
+        adapter_sync.router.acquire("v1")  # a request still streaming from v1
         promote(client, auth, "v2", "active")
         assert "v1" in {a.name for a in fake_engine.adapters()}
-        rollout.release("v1")
-        client.portal.call(rollout.sync)
+        adapter_sync.router.release("v1")
+        client.portal.call(adapter_sync.sync)
         assert fake_engine.removed == ["v1"]
         assert "test-adapter" in {a.name for a in fake_engine.adapters()}  # static: kept
         assert served_by(client, auth["ide"]) == "v2"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from server.services.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+from server.engine.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 from tests.utils.fake_engine import FakeEngine
 
 BASE = "/v1/tabby"

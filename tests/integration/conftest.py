@@ -6,6 +6,7 @@ module, since an engine takes ~15 s to start on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -82,8 +83,16 @@ class LiveServer:
 def tiny_server(
     tiny_world: TinyWorld, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    home = tmp_path_factory.mktemp("home")
-    settings = tiny_settings(home, tiny_world)
+    with serve_tiny(tiny_world, tmp_path_factory.mktemp("home")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_tiny(
+    tiny_world: TinyWorld, home: Path, **settings_overrides: object
+) -> Iterator[LiveServer]:
+    """A live server on the tiny model in ``home``, with a token of each role."""
+    settings = tiny_settings(home, tiny_world, **settings_overrides)
     upgrade(settings.database_url)
     db = make_engine(settings.database_url)
     with make_session_factory(db)() as session:
@@ -157,7 +166,7 @@ def start_server_process(
     log_path = home / log_name
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            [sys.executable, "-m", "kaizen", "serve"],
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store.db import make_engine, make_session_factory
 from server.store.models import Completion
 from tests.integration.conftest import LiveServer, TinyWorld

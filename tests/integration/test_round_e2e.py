@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store.db import make_engine, make_session_factory
 from tests.integration.conftest import LiveServer, TinyWorld
 from trainer.config import TrainConfig

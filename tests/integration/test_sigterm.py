@@ -53,7 +53,7 @@ def test_sigterm_drains_streams_and_records(tiny_world: TinyWorld, tmp_path: Pat
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            [sys.executable, "-m", "kaizen", "serve"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -28,11 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.app import create_app
-from server.store.db import make_engine, make_session_factory, upgrade
-from server.store.tokens import Role, create_token
-from tests.integration.conftest import LiveServer, TinyWorld, tiny_settings
-from tests.utils.live_server import live_server
+from tests.integration.conftest import LiveServer, TinyWorld, serve_tiny
 
 pytestmark = pytest.mark.engine
 
@@ -50,22 +46,8 @@ def tiny_server(
     """conftest's live server (one engine for the module), with Tabby's requests decoded
     greedily: the agent post-processes what it shows, and a sampled reply of the random tiny
     model could come out different, and empty, from one run to the next."""
-    home = tmp_path_factory.mktemp("home")
-    settings = tiny_settings(home, tiny_world, tabby_temperature=0.0)
-    upgrade(settings.database_url)
-    db = make_engine(settings.database_url)
-    with make_session_factory(db)() as session:
-        headers = {
-            role.value: {
-                "Authorization": "Bearer "
-                + create_token(session=session, name=role.value, role=role)[1]
-            }
-            for role in Role
-        }
-    db.dispose()
-    app = create_app(settings)
-    with live_server(app) as server:
-        yield LiveServer(server=server, app=app, settings=settings, headers=headers)
+    with serve_tiny(tiny_world, tmp_path_factory.mktemp("home"), tabby_temperature=0.0) as server:
+        yield server
 
 
 def _install_agent() -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.services.fim import (
+from server.engine.fim import (
     FimFormat,
     RepoFile,
     SplitPrompt,

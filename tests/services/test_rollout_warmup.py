@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
 from server.engine.base import GenerationParams
-from server.services import rollout as rollout_module
-from server.services.rollout import RolloutService
+from server.services.adapter_sync import AdapterSync
+from server.store import rollout as rollout_module
 from tests.utils.adapters import BASE_SHA, approved_adapter
 from tests.utils.fake_engine import FakeEngine
 
@@ -20,12 +20,12 @@ class WatchedEngine(FakeEngine):
 
     def __init__(self) -> None:
         super().__init__(base_sha256=BASE_SHA)
-        self.service: RolloutService | None = None
+        self.service: AdapterSync | None = None
         self.routing_at_generate: list[object] = []
 
     def generate(self, **kwargs):  # type: ignore[no-untyped-def,override]
         assert self.service is not None
-        self.routing_at_generate.append(self.service.routing)
+        self.routing_at_generate.append(self.service.router.routing)
         return super().generate(**kwargs)
 
 
@@ -36,7 +36,7 @@ async def test_a_new_canary_is_warmed_before_it_is_routed(
     with session_factory() as session:
         rollout_module.promote(session=session, name="v2", to="canary", actor="test")
     engine = WatchedEngine()
-    service = RolloutService(engine=engine, session_factory=session_factory, settings=settings)
+    service = AdapterSync(engine=engine, session_factory=session_factory, settings=settings)
     engine.service = service
 
     routing = await service.sync()
@@ -57,6 +57,6 @@ async def test_a_failed_warm_up_does_not_keep_a_loaded_version_out(
     with session_factory() as session:
         rollout_module.promote(session=session, name="v2", to="canary", actor="test")
     engine = FakeEngine(base_sha256=BASE_SHA, fail_after=0)
-    service = RolloutService(engine=engine, session_factory=session_factory, settings=settings)
+    service = AdapterSync(engine=engine, session_factory=session_factory, settings=settings)
     routing = await service.sync()
     assert routing.canary == "v2" and engine.requests and engine.requests[0][1] == "v2"

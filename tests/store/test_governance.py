@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from server.cli import app
+from kaizen.cli import app
 from server.config import get_settings
-from server.store import adapters as registry
+from server.store import registry
 from server.store import rounds as round_store
 from server.store.completions import ChoiceRecord, CompletionRecord, save_completions
 from server.store.db import upgrade

@@ -278,7 +278,6 @@ def test_an_outage_keeps_serving_and_loses_no_record(pg_url: str, tmp_path) -> N
     assert sorted(stored) == sorted(ids) and len(stored) == 7
 
 
-
 @pytest.mark.timeout(60)
 def test_postgres_connections_give_up_when_the_server_stops_answering(
     monkeypatch: pytest.MonkeyPatch,

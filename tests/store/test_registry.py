@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from tests.utils.adapters import approved_adapter
 
 
@@ -90,8 +90,8 @@ def test_only_one_of_two_concurrent_moves_happens(
 # without one transaction around the whole operation, committed.
 CHILD = """
 import os, signal, sys
-from server.services import rollout
-from server.store import adapters as registry
+from server.store import rollout
+from server.store import registry
 from server.store.db import make_engine, make_session_factory
 
 url, kill_after, op, name, to = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
@@ -157,7 +157,7 @@ def test_a_move_killed_between_its_steps_leaves_the_registry_as_it_was(
 ) -> None:
     import signal
 
-    from server.services.rollout import promote
+    from server.store.rollout import promote
 
     for name in ("v1", "v2", "v3"):
         approved_adapter(session_factory, tmp_path, name)

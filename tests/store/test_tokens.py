@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app
+from kaizen.cli import app
 from server.config import get_settings
 from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import (

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.services.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, FimFormat
+from server.engine.fim import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, FimFormat
 from tests.utils.tiny_model import build_tiny_tokenizer
 from trainer.budget import fit_pairs
 from trainer.pairs import Pair
@@ -106,7 +106,7 @@ def test_a_repository_context_is_dropped_before_the_prefix_is_cut(tokenizer: Any
     """As on the server: other files' snippets go first; the text around the cursor stays."""
     from dataclasses import replace
 
-    from server.services.fim import RepoFile, repo_context
+    from server.engine.fim import RepoFile, repo_context
 
     prefix, suffix = "def add(a, b):\n    ", "\n"
     snippets = [RepoFile(f"src/m{i}.py", f"def helper_{i}(x):\n    return x\n") for i in range(40)]

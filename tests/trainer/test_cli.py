@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app
+from kaizen.cli import app
 from server.config import get_settings
 from server.store.db import make_engine, make_session_factory, upgrade
 from tests.trainer.test_round import add_records

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store.completions import ChoiceRecord, CompletionRecord, save_completions
 from server.store.feedback import save_outcome
 from tests.utils.fake_engine import FakeEngine
@@ -734,7 +734,7 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     import torch
 
-    from server.services.fim import FimFormat
+    from server.engine.fim import FimFormat
     from tests.utils.tiny_model import build_tiny_model
     from trainer.config import TrainConfig
     from trainer.generate import VllmGenerator

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.api.protocol import CompletionRequest
 from server.config import Settings
 from server.engine.vllm_engine import VllmEngine
+from server.protocol.completions import CompletionRequest
 from server.services.completions import CompletionService
 from server.store.tokens import Principal, Role
 from tests.utils.fake_engine import FakeEngine
@@ -258,7 +258,7 @@ def test_resampling_a_recorded_request_uses_its_stops_as_served(tmp_path: Path) 
 def test_a_repository_context_comes_before_the_fim_prefix_as_served() -> None:
     """Resampling a repository-level context (``params.fim_context``) must show the model the
     other files again, in front of the FIM prompt, as the server did."""
-    from server.services.fim import FimFormat, RepoFile, repo_context
+    from server.engine.fim import FimFormat, RepoFile, repo_context
 
     engine = FakeEngine(max_model_len=1024)
     context = repo_context("app", [RepoFile("src/m.py", "PI = 3\n")], "src/app.py")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from server.services.fim import FimFormat
+from server.engine.fim import FimFormat
 from trainer.pairs import Context, build_pairs, normalize_text
 from trainer.records import OutcomeRecord, context_key
 from trainer.sandbox import RunResult, Sandbox, SandboxLimits
@@ -603,7 +603,7 @@ def test_a_repository_context_is_part_of_the_trained_prompt_and_the_resample_ask
     resampling must ask with the same context."""
     from dataclasses import replace
 
-    from server.services.fim import RepoFile, repo_context
+    from server.engine.fim import RepoFile, repo_context
 
     context = repo_context("app", [RepoFile("src/app/math.py", "PI = 3.14\n")], "src/app/util.py")
     records = [replace(rec(GOOD, "passed"), fim_context=context), rec(ASSERTION, "failed")]

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store import rounds as round_store
 from server.store.completions import ChoiceRecord, CompletionRecord, save_completions
 from server.store.feedback import save_outcome

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trainer.selection as select_module
-from server.services.fim import FimFormat
+from server.engine.fim import FimFormat
 from tests.utils.tiny_model import build_random_lora, build_tiny_model
 from trainer.pairs import Pair
 from trainer.selection import (

@@ -368,7 +368,7 @@ def test_an_ide_sized_fim_prompt_is_trimmed_not_mangled(
     suffix, the ``<|fim_middle|>`` marker and the completions)."""
     from transformers import AutoTokenizer
 
-    from server.services.fim import FimFormat
+    from server.engine.fim import FimFormat
     from trainer.packing import PackedPreferenceCollator
 
     prefix = "".join(f"def helper_{i}(x):\n    return x + {i}\n\n" for i in range(60))

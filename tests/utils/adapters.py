@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.store import adapters as registry
+from server.store import registry
 from server.store.models import Adapter
 
 BASE_SHA = "b" * 64

@@ -12,8 +12,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from server.engine.adapters import AdapterRejectedError, check_adapter
 from server.engine.base import AdapterInfo, ChoiceDelta, GenerationParams, UnknownAdapterError
+from server.engine.lora import AdapterRejectedError, check_adapter
 
 SPECIALS = [
     "<|endoftext|>",

@@ -7,7 +7,8 @@ from fastapi import APIRouter
 
 from server.api.deps import OpsRole, RolloutDep
 from server.api.openapi import errors
-from server.api.rollout_protocol import (
+from server.errors import ApiError
+from server.protocol.rollout import (
     AdapterDetailOut,
     AdapterList,
     PromoteRequest,
@@ -16,7 +17,6 @@ from server.api.rollout_protocol import (
     RolloutOut,
     RolloutUpdate,
 )
-from server.errors import ApiError
 from server.store.tokens import Principal
 
 router = APIRouter(prefix="/v1", tags=["rollout"])

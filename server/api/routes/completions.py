@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 from server.api.cancel import cancel_on_disconnect
 from server.api.deps import IdeRole, ServiceDep
 from server.api.openapi import errors, streamed
-from server.api.protocol import (
+from server.protocol.completions import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import AwareDatetime
 
 from server.api.deps import CiRole, FeedbackDep, IdeRole
-from server.api.feedback_protocol import (
+from server.protocol.feedback import (
     EventBatch,
     EventsResponse,
     LedgerBatch,

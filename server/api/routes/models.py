@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.api.deps import AnyRole, ServiceDep
-from server.api.protocol import ModelList
+from server.protocol.completions import ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from pydantic import AwareDatetime
 
 from server.api.deps import FeedbackDep, OpsRole
-from server.api.feedback_protocol import CompletionDetailOut, StatsResponse
 from server.api.openapi import errors
+from server.protocol.feedback import CompletionDetailOut, StatsResponse
 
 router = APIRouter(prefix="/v1", tags=["ops"])
 

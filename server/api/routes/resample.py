@@ -11,8 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from server.api.deps import CiRole
-from server.api.feedback_protocol import ResampleRequest, ResampleResponse
 from server.api.openapi import errors
+from server.protocol.feedback import ResampleRequest, ResampleResponse
 from server.services.resample import ResampleService
 
 

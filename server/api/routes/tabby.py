@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request, Response
 from server.api.cancel import cancel_on_disconnect
 from server.api.deps import IdeRole
 from server.api.openapi import errors
-from server.api.tabby_protocol import (
+from server.protocol.tabby import (
     TabbyCompletionRequest,
     TabbyCompletionResponse,
     TabbyEvent,

@@ -156,6 +156,14 @@ def get_adapter(*, session: Session, name: str) -> Adapter | None:
     return session.scalar(select(Adapter).where(Adapter.name == name))
 
 
+def require_adapter(*, session: Session, name: str) -> Adapter:
+    """The adapter called ``name``; LookupError, saying where to look, if there is none."""
+    adapter = get_adapter(session=session, name=name)
+    if adapter is None:
+        raise LookupError(f"no adapter named {name!r}; `kaizen adapters list` shows them")
+    return adapter
+
+
 def list_adapters(*, session: Session, states: Iterable[str] | None = None) -> list[Adapter]:
     query = select(Adapter).order_by(Adapter.id)
     if states is not None:
