@@ -137,7 +137,7 @@ def test_sigterm_during_a_database_outage_exits_and_the_next_start_writes_the_re
     from sqlalchemy.engine import make_url
 
     from tests.integration.conftest import start_server_process
-    from tests.store.test_postgres import ADMIN_URL, _deny_connections
+    from tests.server.store.test_postgres import ADMIN_URL, _deny_connections
 
     name = f"kaizen_test_{os.getpid()}_{int(time.time())}"
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")

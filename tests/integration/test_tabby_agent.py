@@ -7,7 +7,7 @@
   and the acceptance as the plugins do (``tabby/telemetry/event``), then checks what Kaizen
   recorded: the completion with its context, the events and the ledger entry CI reads.
 - **Continue**: its default autocomplete request and data-destination event (the payloads of
-  tests/api/test_continue.py, from Continue's sources) against the same server.
+  tests/server/api/test_continue.py, from Continue's sources) against the same server.
 
 Skipped, saying why, only where node and npm are missing (CI has them).
 """
@@ -371,7 +371,7 @@ def test_tabby_agent_as_an_lsp_server_completes_through_kaizen(
 def test_continue_default_request_and_data_event_through_the_real_server(
     tiny_server: LiveServer,
 ) -> None:
-    from tests.api.test_continue import CONTINUE_STOPS, PROMPT, _data_event
+    from tests.server.api.test_continue import CONTINUE_STOPS, PROMPT, _data_event
 
     model = tiny_server.settings.served_model_name
     body = {

@@ -17,7 +17,7 @@ from server.store.completions import ChoiceRecord, CompletionRecord, count_compl
 from server.store.db import make_engine, make_session_factory
 from server.store.journal import Journal, save_new_completions
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _record(i: int, text: str = "") -> CompletionRecord:
@@ -113,7 +113,7 @@ def test_a_live_process_keeps_its_segment(tmp_path: Path) -> None:
         f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from tests.store.test_journal import _record
+        from tests.server.store.test_journal import _record
         from server.store.journal import Journal
         j = Journal(__import__("pathlib").Path({str(tmp_path)!r}))
         j.open()

@@ -151,7 +151,7 @@ async def test_stop_during_an_outage_is_bounded_and_the_next_start_replays(
 _CRASHING_SERVER = """
 import asyncio, sys
 sys.path.insert(0, {repo!r})
-from tests.store.test_db import _record
+from tests.server.store.test_db import _record
 from server.services.recorder import Recorder
 from server.store.journal import Journal
 from server.store.db import make_engine, make_session_factory
@@ -178,7 +178,7 @@ async def test_kill_9_during_an_outage_loses_no_acknowledged_record(tmp_path: Pa
     url = f"sqlite:///{tmp_path / 'later.db'}"
     journal_dir = tmp_path / "journal"
     script = _CRASHING_SERVER.format(
-        repo=str(Path(__file__).resolve().parents[2]), url=url, journal=str(journal_dir)
+        repo=str(Path(__file__).resolve().parents[3]), url=url, journal=str(journal_dir)
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

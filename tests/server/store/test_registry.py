@@ -130,7 +130,7 @@ def _run_child(db_url: str, kill_after: int, *args: str) -> int:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return subprocess.run(
         [sys.executable, "-c", CHILD, db_url, str(kill_after), *args], cwd=root, timeout=120
     ).returncode

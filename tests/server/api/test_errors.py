@@ -223,7 +223,7 @@ def test_validation_errors_name_the_parameter_as_sent(
 
 @pytest.mark.parametrize("field", ["canary_share", "auto_rollout", "training_paused"])
 def test_null_rollout_setting_is_400_not_500(client: TestClient, auth, field: str) -> None:
-    # Found by the schemathesis run (tests/api/test_openapi.py): a NOT NULL column got None.
+    # Found by the schemathesis run (tests/server/api/test_openapi.py): a NOT NULL column got None.
     response = client.put("/v1/rollout", headers=auth["ops"], json={field: None})
     error = _error(response, 400)
     assert error["param"] == field and "cannot be null" in error["message"]
