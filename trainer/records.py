@@ -27,7 +27,7 @@ from datetime import datetime
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from server.store.models import CiRun, Completion, CompletionChoice, CompletionOutcome
+from server.store.models import CiRun, Completion, CompletionOutcome, RecordedChoice
 
 __all__ = ["FAILING", "PASSING", "OutcomeRecord", "context_key", "load_outcome_records"]
 
@@ -108,14 +108,14 @@ def load_outcome_records(
     fix that followed it.
     """
     query = (
-        select(CompletionOutcome, CiRun, Completion, CompletionChoice)
+        select(CompletionOutcome, CiRun, Completion, RecordedChoice)
         .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
         .join(Completion, Completion.id == CompletionOutcome.completion_id)
         .outerjoin(
-            CompletionChoice,
+            RecordedChoice,
             and_(
-                CompletionChoice.completion_id == CompletionOutcome.completion_id,
-                CompletionChoice.index == CompletionOutcome.choice_index,
+                RecordedChoice.completion_id == CompletionOutcome.completion_id,
+                RecordedChoice.index == CompletionOutcome.choice_index,
             ),
         )
     )

@@ -24,7 +24,7 @@ from server.errors import ApiError
 from server.protocol.completions import CompletionRequest, IdeContext
 from server.protocol.feedback import AlternativeOut, ResampleRequest, ResampleResponse
 from server.services.completions import GREEDY_BELOW, CompletionService
-from server.store.models import Completion, CompletionChoice
+from server.store.models import Completion, RecordedChoice
 from server.store.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class ResampleService:
                 return None
             done = session.scalar(
                 select(func.count())
-                .select_from(CompletionChoice)
-                .join(Completion, Completion.id == CompletionChoice.completion_id)
+                .select_from(RecordedChoice)
+                .join(Completion, Completion.id == RecordedChoice.completion_id)
                 .where(Completion.parent_id == completion_id)
             )
             return _Parent(

@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 from server.store.models import (
     CiRun,
     Completion,
-    CompletionChoice,
     CompletionEvent,
     CompletionOutcome,
+    RecordedChoice,
 )
 
 SHOWN = ("shown", "accepted", "partially_accepted", "rejected", "edited")
@@ -80,15 +80,15 @@ def canary_counts(
             CompletionOutcome.completion_id,
             CompletionOutcome.status,
             CompletionOutcome.final_text,
-            CompletionChoice.text,
+            RecordedChoice.text,
         )
         .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
         .join(Completion, Completion.id == CompletionOutcome.completion_id)
         .outerjoin(
-            CompletionChoice,
+            RecordedChoice,
             and_(
-                CompletionChoice.completion_id == CompletionOutcome.completion_id,
-                CompletionChoice.index == CompletionOutcome.choice_index,
+                RecordedChoice.completion_id == CompletionOutcome.completion_id,
+                RecordedChoice.index == CompletionOutcome.choice_index,
             ),
         )
         .where(window)

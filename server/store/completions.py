@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from server.store.models import Completion, CompletionChoice
+from server.store.models import Completion, RecordedChoice
 
 
 @dataclass
@@ -80,7 +80,7 @@ def save_completions(*, session: Session, records: Sequence[CompletionRecord]) -
             parent_id=record.parent_id,
         )
         row.choices = [
-            CompletionChoice(
+            RecordedChoice(
                 index=c.index, text=c.text, finish_reason=c.finish_reason, tokens=c.tokens
             )
             for c in record.choices

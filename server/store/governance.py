@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 from server.store.models import (
     CiRun,
     Completion,
-    CompletionChoice,
     CompletionEvent,
     CompletionOutcome,
     ExcludedRepository,
     LedgerEntry,
+    RecordedChoice,
     utcnow,
 )
 from server.store.repositories import normalise_repository
@@ -103,7 +103,7 @@ def prune_records(
             )
         )
     ).rowcount
-    for child in (CompletionChoice, CompletionEvent, LedgerEntry):
+    for child in (RecordedChoice, CompletionEvent, LedgerEntry):
         session.execute(delete(child).where(child.completion_id.in_(old_completions)))
     completions = session.execute(delete(Completion).where(Completion.created_at < cutoff)).rowcount
     runs = session.execute(delete(CiRun).where(CiRun.received_at < cutoff)).rowcount

@@ -155,12 +155,12 @@ class Completion(Base):
     source: Mapped[str] = mapped_column(String(16), default="serve", server_default="serve")
     parent_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
-    choices: Mapped[list[CompletionChoice]] = relationship(
-        back_populates="completion", order_by="CompletionChoice.index", lazy="selectin"
+    choices: Mapped[list[RecordedChoice]] = relationship(
+        back_populates="completion", order_by="RecordedChoice.index", lazy="selectin"
     )
 
 
-class CompletionChoice(Base):
+class RecordedChoice(Base):
     """The text handed out for one choice of a completion (after post-processing)."""
 
     __tablename__ = "completion_choices"

@@ -2,8 +2,8 @@
 
 The server cannot import ``plugins/``, so this mirrors ``normalise_remote`` of
 ``plugins/common/kaizen_client/repository.py`` (and ``plugins/vscode/src/repository.ts``);
-``tests/store/test_repositories.py`` holds them to the same answers. An id the clients already
-normalised comes back unchanged, so comparing normalised forms is always safe.
+``tests/server/store/test_repositories.py`` holds them to the same answers. An id the clients
+already normalised comes back unchanged, so comparing normalised forms is always safe.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from server.store.models import (
     Adapter,
     CiRun,
     Completion,
-    CompletionChoice,
     CompletionOutcome,
+    RecordedChoice,
     TrainingRound,
 )
 
@@ -120,7 +120,7 @@ def test_prune_deletes_old_records_and_keeps_the_audit_trail(
         assert (result.completions, result.ci_runs) == (1, 1)
         assert result.outcomes == 2  # the old completion's, and the ancient run's
         assert list(session.scalars(select(Completion.id))) == ["cmpl-new"]
-        assert list(session.scalars(select(CompletionChoice.completion_id))) == ["cmpl-new"]
+        assert list(session.scalars(select(RecordedChoice.completion_id))) == ["cmpl-new"]
         assert sorted(session.scalars(select(CiRun.run_id))) == ["ci:new-run", "ci:recent"]
         assert list(session.scalars(select(CompletionOutcome.run_id))) == ["ci:recent"]
         assert _count(session, Adapter) == 1 and _count(session, TrainingRound) == 1
