@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from server.services.recorder import Recorder
 from server.store.completions import (
@@ -203,3 +203,24 @@ def test_migrations_match_the_models(db_url: str) -> None:
     from server.store.db import alembic_config
 
     command.check(alembic_config(db_url))  # raises if the models need a new revision
+
+
+def test_session_scope_disposes_its_engine_however_the_block_ends(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.store import db as db_module
+
+    disposed: list[object] = []
+    real = db_module.make_engine
+
+    def tracking(url: str):  # type: ignore[no-untyped-def]
+        engine = real(url)
+        monkeypatch.setattr(engine, "dispose", lambda: disposed.append(engine))
+        return engine
+
+    monkeypatch.setattr(db_module, "make_engine", tracking)
+    with db_module.session_scope(db_url) as session:
+        assert session.execute(text("SELECT 1")).scalar() == 1
+    with pytest.raises(RuntimeError), db_module.session_scope(db_url):
+        raise RuntimeError("a command failed half-way")
+    assert len(disposed) == 2
