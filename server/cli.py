@@ -26,11 +26,11 @@ from server.store.db import DatabaseNotMigratedError, check_migrated, make_engin
 from server.store.db import upgrade as upgrade_database
 from server.store.feedback import adapter_stats
 from server.store.governance import exclude_repository, include_repository, list_excluded
-from server.store.models import Adapter
 from server.store.rollout import (
     RolloutError,
     get_rollout_state,
     pin,
+    pinned_adapter,
     promote,
     rollback,
     set_rollout_state,
@@ -332,7 +332,7 @@ def rollout_show() -> None:
         state = get_rollout_state(session=session)
         active = registry.active_adapter(session=session)
         canary = registry.canary_adapter(session=session)
-        pinned = session.get(Adapter, state.pinned_adapter_id) if state.pinned_adapter_id else None
+        pinned = pinned_adapter(session=session)
         typer.echo(f"active: {active.name if active else '(base model)'}")
         typer.echo(f"canary: {canary.name if canary else '-'} (share {state.canary_share})")
         typer.echo(f"pinned: {pinned.name if pinned else '-'}")

@@ -26,8 +26,7 @@ from server.engine.lora import AdapterRejectedError
 from server.services.canary_judge import judge_canary
 from server.services.routing import Router, Routing
 from server.store import registry
-from server.store.models import Adapter
-from server.store.rollout import get_rollout_state
+from server.store.rollout import get_rollout_state, pinned_adapter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def read_desired(session: Session) -> Desired:
     state = get_rollout_state(session=session)
     active = registry.active_adapter(session=session)
     canary = registry.canary_adapter(session=session)
-    pinned = session.get(Adapter, state.pinned_adapter_id) if state.pinned_adapter_id else None
+    pinned = pinned_adapter(session=session)
     rows = [a for a in (active, canary, pinned) if a is not None]
     return Desired(
         adapters={a.name: a.path for a in rows},

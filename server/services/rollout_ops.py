@@ -37,6 +37,7 @@ from server.store.rollout import (
     RolloutError,
     get_rollout_state,
     pin,
+    pinned_adapter,
     promote,
     rollback,
     set_rollout_state,
@@ -112,11 +113,7 @@ class RolloutOps:
                 state = get_rollout_state(session=session)
                 active = registry.active_adapter(session=session)
                 canary = registry.canary_adapter(session=session)
-                pinned = (
-                    session.get(Adapter, state.pinned_adapter_id)
-                    if state.pinned_adapter_id
-                    else None
-                )
+                pinned = pinned_adapter(session=session)
                 return RolloutOut(
                     active=active.name if active else None,
                     canary=canary.name if canary else None,

@@ -53,6 +53,12 @@ def get_rollout_state(*, session: Session) -> RolloutState:
     return state
 
 
+def pinned_adapter(*, session: Session) -> Adapter | None:
+    """The version ops pinned for everybody, if any."""
+    state = get_rollout_state(session=session)
+    return session.get(Adapter, state.pinned_adapter_id) if state.pinned_adapter_id else None
+
+
 def set_rollout_state(*, session: Session, actor: str, **fields: Any) -> RolloutState:
     """Change some of :data:`FIELDS` (committed, or flushed inside ``registry.atomic``)."""
     unknown = set(fields) - set(FIELDS)
