@@ -49,7 +49,15 @@ class Settings(BaseSettings):
     seed: int = Field(0, description="Engine seed (sampling without a request seed).")
     dtype: str = Field("bfloat16", description="Model dtype (bfloat16 on CPU).")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache size in GiB (CPU only).")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of each GPU's memory vLLM may take (GPU hosts)."
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs one replica's engine splits the model over (vLLM tensor parallelism; "
+        "GPU hosts only, 1 on the CPU).",
+    )
     enforce_eager: bool = Field(False, description="Skip graph compilation (faster start).")
 
     # --- the API
@@ -193,6 +201,23 @@ class Settings(BaseSettings):
     rounds_dir: Path | None = Field(
         None, description="Where rounds keep their work and adapters; default $KAIZEN_HOME/rounds."
     )
+
+    # --- where adapters are published and fetched (server/store/artifacts.py)
+    adapter_store: str = Field(
+        "",
+        description="Where the trainer publishes adapters and replicas fetch them: "
+        "file:///dir (a mount all hosts share) or s3://bucket/prefix (any S3-compatible store; "
+        "credentials from the usual AWS_* variables). Empty: adapters stay where the trainer "
+        "wrote them, recorded as file:// URLs (one host).",
+    )
+    adapter_store_endpoint_url: str = Field(
+        "", description="The S3 endpoint of a store that is not AWS (MinIO, Ceph, ...)."
+    )
+    adapter_cache_dir: Path | None = Field(
+        None,
+        description="A replica's copies of adapters fetched from the store; "
+        "default $KAIZEN_HOME/adapter-cache.",
+    )
     train_min_new_records: int = Field(
         200, ge=1, description="Start a round once this many new CI verdicts have arrived."
     )
@@ -275,6 +300,8 @@ class Settings(BaseSettings):
             self.model_cache = self.home / "models"
         if self.rounds_dir is None:
             self.rounds_dir = self.home / "rounds"
+        if self.adapter_cache_dir is None:
+            self.adapter_cache_dir = self.home / "adapter-cache"
         if self.journal_dir is None:
             self.journal_dir = self.home / "journal"
         if self.default_max_tokens > self.max_tokens_limit:

@@ -16,6 +16,9 @@ from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from tests.utils.fake_engine import FakeEngine
 
+# A real S3-compatible server process (moto) for the object-store tests: fixtures `s3`, `aws_env`.
+pytest_plugins = ["tests.utils.s3_server"]
+
 
 @pytest.fixture(scope="session")
 def bundled_model_cache() -> Path:

@@ -100,7 +100,7 @@ def train(
         if dry_run:
             report = run("manual", None)
         else:
-            with round_lock(settings.rounds_dir):
+            with round_lock(settings.rounds_dir, database=settings.database_url):
                 report = run("manual", None)
     except RoundBusyError as exc:
         fail(f"{exc}; try again when it has finished")

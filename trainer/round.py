@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from server.store import registry
 from server.store import rounds as round_store
+from server.store.artifacts import publish_adapter
 from server.store.governance import excluded_repositories
 from server.store.models import Adapter, ApiToken, Completion
 from trainer.budget import fit_pairs
@@ -568,6 +569,7 @@ def run_round(
                 parent_id=parent_id,
                 round_id=round_id,
                 actor="trainer",
+                artifact=publish_adapter(result.adapter_dir, name=name),  # uploaded first
             )
             adapter_id = adapter.id
         report.status = "succeeded"

@@ -6,8 +6,10 @@ cut-off (trigger ``records``), or ``interval_hours`` passed since the last round
 one verdict is new (trigger ``schedule``), unless ops paused training (``kaizen rollout set
 --no-training``, or ``PUT /v1/rollout``). One round at a time: the worker holds an exclusive
 file lock (``rounds_dir/.lock``) while it works, so a second worker on the same host, or a
-manual ``kaizen train``, waits its turn or gives up. A round left ``running`` in the database
-while nobody holds the lock was killed; the next tick resumes it (see :mod:`trainer.round`).
+manual ``kaizen train``, waits its turn or gives up; on PostgreSQL the lock is an advisory
+lock in the database instead, so workers on different hosts take turns the same way. A round
+left ``running`` in the database while nobody holds the lock was killed; the next tick resumes
+it (see :mod:`trainer.round`).
 
 With a retention window (``KAIZEN_RETENTION_DAYS``) every tick also deletes the records older
 than it (:func:`server.store.governance.prune_records`), paused training or not: retention is
@@ -21,17 +23,19 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from server.config import Settings
 from server.store import rounds as round_store
 from server.store.governance import prune_records
+from server.store.locks import LockBusyError, advisory_lock, supports_advisory_locks
 from server.store.rollout import get_rollout_state
 from trainer.config import TrainConfig
 from trainer.round import RoundOptions, RoundReport
@@ -48,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+ROUND_LOCK_NAME = "kaizen.training_round"
 
 
 class RoundBusyError(RuntimeError):
@@ -55,9 +60,26 @@ class RoundBusyError(RuntimeError):
 
 
 @contextmanager
-def round_lock(rounds_dir: Path, *, wait: bool = False) -> Iterator[None]:
+def round_lock(
+    rounds_dir: Path, *, wait: bool = False, database: Engine | str | None = None
+) -> Iterator[None]:
     """Hold the one-round-at-a-time lock; raises :class:`RoundBusyError` when it is taken and
-    ``wait`` is false. The kernel drops the lock when the process dies, however it dies."""
+    ``wait`` is false. The kernel drops the lock when the process dies, however it dies.
+
+    With ``database`` on PostgreSQL the lock is an advisory lock there
+    (:mod:`server.store.locks`), so workers on different hosts take turns too; the database
+    drops it when the holder's session ends. SQLite keeps the file lock."""
+    if database is not None and supports_advisory_locks(database):
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(advisory_lock(database, ROUND_LOCK_NAME, wait=wait))
+            except LockBusyError as exc:
+                raise RoundBusyError(
+                    "another training round is running (the database lock "
+                    f"{ROUND_LOCK_NAME!r} is held)"
+                ) from exc
+            yield
+        return
     rounds_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(rounds_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -137,7 +159,7 @@ class RoundWorker:
         """Resume a killed round, or start a due one; None when there is nothing to do or
         another worker holds the lock."""
         try:
-            with round_lock(self.rounds_dir):
+            with round_lock(self.rounds_dir, database=self.session_factory.kw.get("bind")):
                 self.prune()
                 with self.session_factory() as session:
                     if get_rollout_state(session=session).training_paused:
@@ -210,6 +232,7 @@ def round_runner(
     """A round as the settings describe it: the served model, its engine limits for
     resampling, ``rounds_dir`` for the work. What ``kaizen train`` and the worker run."""
     from server.engine.vllm_engine import resolve_model_dir
+    from server.store.artifacts import restore_round_parents
     from server.store.db import make_engine, make_session_factory
     from trainer.round import run_round
 
@@ -232,6 +255,13 @@ def round_runner(
     def run(trigger: str, resume_round_id: int | None) -> RoundReport:
         db = make_engine(settings.database_url)
         try:
+            with make_session_factory(db)() as session:  # trained on another trainer host?
+                restore_round_parents(
+                    session,
+                    root=rounds_dir,
+                    parent=parent,
+                    endpoint_url=settings.adapter_store_endpoint_url or None,
+                )
             report = run_round(
                 session_factory=make_session_factory(db),
                 base_model_dir=base_model_dir,

@@ -278,6 +278,7 @@ class VllmEngine:
             max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
             enforce_eager=s.enforce_eager,
             gpu_memory_utilization=s.gpu_memory_utilization,
+            tensor_parallel_size=s.tensor_parallel_size,
             kv_cache_memory_bytes=kv_cache_bytes,
             disable_log_stats=True,
             seed=s.seed,

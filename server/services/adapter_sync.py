@@ -8,6 +8,11 @@ model, rank over the limit) is refused, logged and left out of routing; serving 
 what was there. A version that left routing is unloaded once no request uses it and a grace
 period has passed. Each poll also lets the canary judge decide
 (:mod:`server.services.canary_judge`).
+
+A version published to an object store (``KAIZEN_ADAPTER_STORE``) is first fetched into this
+replica's cache (``KAIZEN_ADAPTER_CACHE_DIR``) and its checksum verified
+(:mod:`server.store.artifacts`); a missing or corrupt object is refused like a corrupt
+directory, a store that does not answer is tried again at the next poll.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from server.engine.lora import AdapterRejectedError
 from server.services.canary_judge import judge_canary
 from server.services.routing import Router, Routing
 from server.store import registry
+from server.store.artifacts import AdapterCache, ArtifactError, ArtifactUnavailableError
 from server.store.rollout import get_rollout_state, pinned_adapter
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ class Desired:
     canary: str | None
     pinned: str | None
     share: float
+    # name -> (URL, checksum digest) of versions published to a store (None, None: just path)
+    sources: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
 
 
 def read_desired(session: Session) -> Desired:
@@ -56,6 +64,7 @@ def read_desired(session: Session) -> Desired:
         canary=canary.name if canary else None,
         pinned=pinned.name if pinned else None,
         share=state.canary_share,
+        sources={a.name: (a.uri, a.artifact_sha256) for a in rows},
     )
 
 
@@ -69,6 +78,33 @@ class AdapterSync:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one change of loaded set at a time
     _managed: set[str] = field(default_factory=set)  # loaded by us (not KAIZEN_ADAPTERS)
     _left_at: dict[str, float] = field(default_factory=dict)  # name -> when it left routing
+    cache: AdapterCache | None = None  # default: KAIZEN_ADAPTER_CACHE_DIR
+
+    def _cache(self) -> AdapterCache:
+        if self.cache is None:
+            assert self.settings.adapter_cache_dir is not None
+            self.cache = AdapterCache(
+                self.settings.adapter_cache_dir,
+                endpoint_url=self.settings.adapter_store_endpoint_url or None,
+            )
+        return self.cache
+
+    async def _local(
+        self, name: str, path: str, source: tuple[str | None, str | None] | None
+    ) -> str:
+        """The local directory to load ``name`` from: fetched from its store into the cache
+        and checked against its registered checksum first. A missing or corrupt object raises
+        :class:`AdapterRejectedError`; an unreachable store ArtifactUnavailableError."""
+        uri, sha256 = source or (None, None)
+        if not uri:
+            return path
+        try:
+            local = await asyncio.to_thread(self._cache().fetch, name, uri, sha256, path)
+        except ArtifactUnavailableError:
+            raise
+        except (ArtifactError, OSError, ValueError) as exc:  # missing, corrupt, unsupported
+            raise AdapterRejectedError(f"the artefact of {name} at {uri}: {exc}") from exc
+        return str(local)
 
     def _read(self) -> Desired:
         with self.session_factory() as session:
@@ -91,7 +127,11 @@ class AdapterSync:
                 if name in loaded or name in self.refused:
                     continue
                 try:
-                    await self.engine.add_adapter(name, path)
+                    local = await self._local(name, path, desired.sources.get(name))
+                    await self.engine.add_adapter(name, local)
+                except ArtifactUnavailableError as exc:
+                    log.warning("event=adapter_store_unavailable name=%s reason=%r", name, str(exc))
+                    continue  # not refused: the next poll tries again
                 except AdapterRejectedError as exc:
                     self.refused[name] = str(exc)
                     log.error("event=adapter_refused name=%s reason=%r", name, str(exc))
@@ -133,18 +173,26 @@ class AdapterSync:
             await self.engine.remove_adapter(name)
             self._managed.discard(name)
             self._left_at.pop(name, None)
+            if self.cache is not None:
+                await asyncio.to_thread(self.cache.discard, name)  # re-fetched if it returns
             log.info("event=adapter_unloaded name=%s", name)
         for name in routed:
             self._left_at.pop(name, None)
 
-    async def preload(self, name: str, path: str) -> None:
+    async def preload(
+        self, name: str, path: str, source: tuple[str | None, str | None] | None = None
+    ) -> None:
         """Load ``name`` here before the registry routes anybody to it, so that a version the
         engine refuses is refused to ops, with the reason, and nothing changes. Callers hold
         :attr:`lock` (so no poll unloads it before the registry routes to it). Raises
-        :class:`AdapterRejectedError`."""
+        :class:`AdapterRejectedError` (also when its store does not answer)."""
         if name in {a.name for a in self.engine.adapters()}:
             return
-        await self.engine.add_adapter(name, path)
+        try:
+            local = await self._local(name, path, source)
+        except ArtifactUnavailableError as exc:
+            raise AdapterRejectedError(f"{exc}; try again when the store is back") from exc
+        await self.engine.add_adapter(name, local)
         self._managed.add(name)
         self._left_at[name] = time.monotonic()
         await self._warm(name)

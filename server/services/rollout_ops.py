@@ -51,13 +51,14 @@ class RolloutOps:
     sync: AdapterSync
 
     async def _preload(self, name: str) -> None:
-        def path_of() -> str:
+        def where() -> tuple[str, tuple[str | None, str | None]]:
             with self.sync.session_factory() as session:
-                return registry.require_adapter(session=session, name=name).path
+                adapter = registry.require_adapter(session=session, name=name)
+                return adapter.path, (adapter.uri, adapter.artifact_sha256)
 
-        path = await asyncio.to_thread(path_of)
+        path, source = await asyncio.to_thread(where)
         try:
-            await self.sync.preload(name, path)
+            await self.sync.preload(name, path, source)
         except AdapterRejectedError as exc:
             raise ApiError(422, f"Adapter {name} refused: {exc}", code="adapter_refused") from exc
 

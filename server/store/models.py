@@ -291,7 +291,11 @@ class Adapter(Base):
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"))
     # The round that trained it (no foreign key: rounds point at adapters, not both ways).
     round_id: Mapped[int | None] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(SafeText())
+    path: Mapped[str] = mapped_column(SafeText())  # where the trainer wrote it (its host)
+    # Where every host fetches it (file:// or s3://, server.store.artifacts) and the SHA-256 of
+    # its files' checksum document; null for versions registered before artefacts had a URL.
+    uri: Mapped[str | None] = mapped_column(SafeText(), default=None)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     base_sha256: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

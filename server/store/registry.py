@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from server.store.artifacts import Published
 from server.store.models import Adapter, AdapterTransition, utcnow
 
 STATES = ("candidate", "evaluating", "rejected", "approved", "canary", "active", "retired")
@@ -82,8 +83,10 @@ def register_adapter(
     parent_id: int | None,
     round_id: int | None,
     actor: str,
+    artifact: Published | None = None,
 ) -> Adapter:
-    """Add a new version in state ``candidate``."""
+    """Add a new version in state ``candidate``. ``artifact``: where it was published
+    (:func:`server.store.artifacts.publish_adapter`), which replicas fetch it from."""
     if session.scalar(select(Adapter.id).where(Adapter.name == name)) is not None:
         raise AdapterExistsError(
             f"an adapter named {name!r} exists; every version needs a new name"
@@ -92,6 +95,8 @@ def register_adapter(
         name=name,
         state="candidate",
         path=path,
+        uri=artifact.uri if artifact is not None else None,
+        artifact_sha256=artifact.sha256 if artifact is not None else None,
         base_sha256=base_sha256,
         manifest=manifest,
         parent_id=parent_id,
