@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server.app import create_app
@@ -25,7 +24,7 @@ from server.store.rollout import promote, set_rollout_state
 from server.store.tokens import Role, create_token
 from tests.utils.adapters import BASE_SHA, make_adapter_dir
 from tests.utils.fake_engine import FakeEngine
-from tests.utils.live_server import live_server
+from tests.utils.live_server import converge, live_server, served_by
 from tests.utils.postgres import pg_database
 from tests.utils.s3_server import S3Server
 
@@ -86,26 +85,11 @@ def test_two_replicas_with_no_shared_disk_serve_what_the_trainer_published(
             adapter_store_endpoint_url=s3.endpoint_url,
         )
 
-    def served_by(url: str) -> str:
-        response = httpx.post(
-            f"{url}/v1/completions",
-            headers={"Authorization": f"Bearer {ide}"},
-            json={"model": "fake-model", "prompt": "x", "max_tokens": 40},
-        )
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
-
-    def converge(url: str, want: str) -> None:
-        deadline = time.monotonic() + 30
-        while served_by(url) != want:
-            assert time.monotonic() < deadline, f"{url} still does not serve {want}"
-            time.sleep(0.1)
-
     app_a = create_app(replica("replica-a"), engine=FakeEngine(base_sha256=BASE_SHA))
     app_b = create_app(replica("replica-b"), engine=FakeEngine(base_sha256=BASE_SHA))
     with live_server(app_a) as a, live_server(app_b) as b:
         for url in (a.url, b.url):
-            converge(url, "kaizen-r1-0a0a0a0a")
+            converge(url, ide, "kaizen-r1-0a0a0a0a", timeout=30)
         for host in ("replica-a", "replica-b"):  # each fetched its own copy
             copy = tmp_path / host / "adapter-cache" / "kaizen-r1-0a0a0a0a"
             assert (copy / "adapter_model.safetensors").is_file()
@@ -116,7 +100,7 @@ def test_two_replicas_with_no_shared_disk_serve_what_the_trainer_published(
             promote(session=session, name="kaizen-r2-0b0b0b0b", to="canary", actor="trainer")
             set_rollout_state(session=session, actor="test", canary_share=1.0)
         for url in (a.url, b.url):
-            converge(url, "kaizen-r2-0b0b0b0b")
+            converge(url, ide, "kaizen-r2-0b0b0b0b", timeout=30)
 
         # ...one whose object was damaged in the store after publishing is refused by both,
         # and they go on serving what they served.
@@ -134,6 +118,6 @@ def test_two_replicas_with_no_shared_disk_serve_what_the_trainer_published(
                 assert time.monotonic() < deadline, "the corrupt version was not refused"
                 time.sleep(0.1)
             assert "checksum" in app.state.adapter_sync.refused["kaizen-r3-0c0c0c0c"]
-            assert served_by(url) == "kaizen-r2-0b0b0b0b"
+            assert served_by(url, ide) == "kaizen-r2-0b0b0b0b"
             assert not (app.state.settings.adapter_cache_dir / "kaizen-r3-0c0c0c0c").exists()
     db.dispose()

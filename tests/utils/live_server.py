@@ -65,3 +65,22 @@ def live_server(app: FastAPI, *, ready_timeout: float = 600.0) -> Iterator[Runni
         server.should_exit = True
         thread.join(timeout=120)
         loop.close()
+
+
+def served_by(url: str, ide_token: str) -> str:
+    """Which version a replica serves this token (the fake engine writes it into its text)."""
+    response = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {ide_token}"},
+        json={"model": "fake-model", "prompt": "x", "max_tokens": 40},
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
+
+
+def converge(url: str, ide_token: str, want: str, *, timeout: float = 15.0) -> None:
+    """Wait until the replica at ``url`` serves ``want``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while served_by(url, ide_token) != want:
+        assert time.monotonic() < deadline, f"{url} still does not serve {want}"
+        time.sleep(0.1)

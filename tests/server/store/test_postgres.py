@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,10 +14,8 @@ from server.config import Settings
 from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from tests.utils.fake_engine import FakeEngine
-
-ADMIN_URL = os.environ.get(
-    "KAIZEN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+from tests.utils.live_server import converge, served_by
+from tests.utils.postgres import ADMIN_URL, pg_database
 
 pytestmark = pytest.mark.postgres
 
@@ -27,20 +23,8 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL server, dropped afterwards."""
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"kaizen_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"PostgreSQL at {ADMIN_URL} is not reachable: {exc}")
-    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
+    with pg_database() as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def test_migrations_apply_and_match_the_models(pg_url: str) -> None:
@@ -91,7 +75,6 @@ def test_two_replicas_record_into_one_database(pg_url: str, tmp_path) -> None:  
 def test_two_replicas_converge_on_the_active_and_canary_set(pg_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Two servers on loopback, one database: a change made through one replica reaches the
     other's routing by polling, within a few poll intervals."""
-    import time
 
     import httpx
 
@@ -110,37 +93,22 @@ def test_two_replicas_converge_on_the_active_and_canary_set(pg_url: str, tmp_pat
         _env_file=None, home=tmp_path, database_url=pg_url, rollout_poll_seconds=0.2
     )
 
-    def served_by(url: str) -> str:
-        response = httpx.post(
-            f"{url}/v1/completions",
-            headers={"Authorization": f"Bearer {ide}"},
-            json={"model": "fake-model", "prompt": "x", "max_tokens": 40},
-        )
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["text"].split("# ", 1)[1].split("\n", 1)[0]
-
-    def converge(url: str, want: str) -> None:
-        deadline = time.monotonic() + 15
-        while served_by(url) != want:
-            assert time.monotonic() < deadline, f"{url} still does not serve {want}"
-            time.sleep(0.1)
-
     ops_headers = {"Authorization": f"Bearer {ops}"}
     app_a = create_app(settings, engine=FakeEngine(base_sha256=BASE_SHA))
     app_b = create_app(settings, engine=FakeEngine(base_sha256=BASE_SHA))
     with live_server(app_a) as a, live_server(app_b) as b:
-        assert served_by(a.url) == served_by(b.url) == "base"
+        assert served_by(a.url, ide) == served_by(b.url, ide) == "base"
         r = httpx.post(
             f"{a.url}/v1/adapters/v1/promote", headers=ops_headers, json={"to": "active"}
         )
         assert r.status_code == 200, r.text
-        assert served_by(a.url) == "v1"  # at once on the replica that made the change
-        converge(b.url, "v1")
+        assert served_by(a.url, ide) == "v1"  # at once on the replica that made the change
+        converge(b.url, ide, "v1")
         httpx.post(f"{b.url}/v1/adapters/v2/promote", headers=ops_headers, json={"to": "canary"})
         httpx.put(f"{b.url}/v1/rollout", headers=ops_headers, json={"canary_share": 1.0})
-        converge(a.url, "v2")
+        converge(a.url, ide, "v2")
         httpx.post(f"{a.url}/v1/rollout/rollback", headers=ops_headers, json={})
-        converge(b.url, "v1")
+        converge(b.url, ide, "v1")
         state = httpx.get(f"{b.url}/v1/rollout", headers=ops_headers).json()
         assert state["replica"]["active"] == "v1" and state["replica"]["canary"] is None
     engine.dispose()
