@@ -16,6 +16,23 @@ afterwards; the changes go to replica 1, replica 2 follows by polling the regist
     .venv/bin/python benchmarks/hotswap.py --replicas 2 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
+Two replicas with no shared disk for adapters (``--adapter-store s3``: a moto S3 server on
+loopback, started the way the tests start it, tests/utils/s3_server.py; each replica fetches
+into its own ``KAIZEN_ADAPTER_CACHE_DIR``; the tiny model, about 4 minutes on 2 cores):
+
+    .venv/bin/python benchmarks/hotswap.py --model tiny --replicas 2 \\
+        --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres \\
+        --adapter-store s3 --concurrency 2 --settle 8
+
+With a store, each adapter is published (``publish_adapter``: its files, then its checksum
+document) and registered and approved during the run, just before the change that first
+serves it (1: canary A, 3: promote B), and the benchmark's own copy is deleted (``s3``), so
+a replica can only serve it from the store. Per change, ``change -> all replicas serving``
+is the slowest replica's swap time, and for those two ``publish -> all replicas serving``
+adds the upload, the registration and the promote call before it (``pub->all s`` in the
+summary; ``publish_to_all_serving_s`` in the JSON). ``--adapter-store file`` publishes to a
+directory standing for a mount every host shares instead (read in place, no cache).
+
 What it does: a fresh ``KAIZEN_HOME`` (a temporary directory, or ``--home``), ``kaizen db
 upgrade``, an ``ide`` and an ``ops`` token (``create_token``), two random PEFT LoRA adapters for
 the served model written once into the home (rank ``--lora-rank``, all linear layers, A ~ N(0,
@@ -249,6 +266,109 @@ class World:
     ops_token: str
     adapters: dict[str, str]  # name -> path
     base_sha256: str
+    store: AdapterStore | None = None
+    manifests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    registered: set[str] = field(default_factory=set)
+
+
+@dataclass
+class AdapterStore:
+    """Where the adapters are published (``--adapter-store``): ``s3``, a moto server on
+    loopback (tests/utils/s3_server.py) that the replicas reach over HTTP as they would reach
+    AWS or MinIO, each fetching into its own ``KAIZEN_ADAPTER_CACHE_DIR``; ``file``, a
+    directory standing for a mount every host shares (read in place, no cache)."""
+
+    kind: str  # "s3" | "file"
+    url: str  # KAIZEN_ADAPTER_STORE
+    endpoint_url: str | None  # KAIZEN_ADAPTER_STORE_ENDPOINT_URL
+    env: dict[str, str]  # what a replica needs besides (the AWS_* variables)
+
+    def replica_env(self, cache_dir: Path) -> dict[str, str]:
+        env = {
+            **self.env,
+            "KAIZEN_ADAPTER_STORE": self.url,
+            "KAIZEN_ADAPTER_CACHE_DIR": str(cache_dir),
+        }
+        if self.endpoint_url:
+            env["KAIZEN_ADAPTER_STORE_ENDPOINT_URL"] = self.endpoint_url
+        return env
+
+
+@contextlib.contextmanager
+def adapter_store(kind: str, home: Path) -> Iterator[AdapterStore | None]:
+    """The store of ``--adapter-store`` for the run (a moto server is stopped afterwards)."""
+    if kind == "none":
+        yield None
+        return
+    if kind == "file":
+        yield AdapterStore("file", (home / "store").as_uri(), None, {})
+        return
+    from tests.utils.s3_server import AWS_ENV, s3_server
+
+    os.environ.update(AWS_ENV)  # this process publishes with boto3's usual variables too
+    with s3_server() as server:
+        bucket = server.new_bucket()
+        log.info("moto S3 server at %s, bucket %s", server.endpoint_url, bucket)
+        yield AdapterStore("s3", f"s3://{bucket}/adapters", server.endpoint_url, dict(AWS_ENV))
+
+
+def register_approved(
+    session: Any, world: World, name: str, path: str, artifact: Any | None
+) -> None:
+    """Register a version (with where it was published, if it was) and approve it."""
+    from server.store import registry
+
+    adapter = registry.register_adapter(
+        session=session,
+        name=name,
+        path=path,
+        base_sha256=world.base_sha256,
+        manifest=world.manifests[name],
+        parent_id=None,
+        round_id=None,
+        actor="benchmark",
+        artifact=artifact,
+    )
+    for state in ("evaluating", "approved"):
+        registry.transition(
+            session=session,
+            adapter=adapter,
+            to_state=state,
+            actor="benchmark",
+            reason="hotswap benchmark",
+        )
+    world.registered.add(name)
+
+
+def publish_and_register(world: World, name: str) -> dict[str, Any]:
+    """What the trainer does with a finished version, timed: publish it to the store
+    (``publish_adapter``: files, then the checksum document), then register and approve it.
+    The benchmark's own copy is deleted afterwards (``s3``), so a replica can only have it
+    from the store. Returns the seconds each step took."""
+    from server.store.artifacts import publish_adapter
+    from server.store.db import make_engine, make_session_factory
+
+    assert world.store is not None
+    path = world.adapters[name]
+    started = time.perf_counter()
+    published = publish_adapter(
+        Path(path), name=name, store=world.store.url, endpoint_url=world.store.endpoint_url
+    )
+    published_at = time.perf_counter()
+    if world.store.kind == "s3":
+        shutil.rmtree(path)
+    db = make_engine(world.database_url)
+    try:
+        with make_session_factory(db)() as session:
+            register_approved(session, world, name, path, published)
+    finally:
+        db.dispose()
+    log.info("published %s to %s (%s)", name, published.uri, published.sha256[:12])
+    return {
+        "publish_s": published_at - started,
+        "register_s": time.perf_counter() - published_at,
+        "uri": published.uri,
+    }
 
 
 def world_env(world_home: Path, database_url: str) -> dict[str, str]:
@@ -261,10 +381,13 @@ def world_env(world_home: Path, database_url: str) -> dict[str, str]:
     )
 
 
-def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> World:
-    """Migrate the database, create the tokens, write and register the two adapters."""
+def prepare_world(
+    args: argparse.Namespace, home: Path, database_url: str, store: AdapterStore | None = None
+) -> World:
+    """Migrate the database, create the tokens, write the two adapters and register them (with
+    a ``store``, they are published and registered during the run, just before the change
+    that first serves each)."""
     from server.engine.lora import base_fingerprint
-    from server.store import registry
     from server.store.db import make_engine, make_session_factory
     from server.store.rollout import set_rollout_state
     from server.store.tokens import Role, create_token
@@ -285,45 +408,32 @@ def prepare_world(args: argparse.Namespace, home: Path, database_url: str) -> Wo
             base_sha256=base_sha256,
         )
         adapters[name] = str(path)
+    world = World(
+        home=home,
+        model_dir=model_dir,
+        served_name=served_name,
+        database_url=database_url,
+        ide_token="",
+        ops_token="",
+        adapters=adapters,
+        base_sha256=base_sha256,
+        store=store,
+        manifests=manifests,
+    )
     db = make_engine(database_url)
     try:
         with make_session_factory(db)() as session:
-            _, ide = create_token(session=session, name="hotswap-ide", role=Role.IDE)
-            _, ops = create_token(session=session, name="hotswap-ops", role=Role.OPS)
-            for name, path in adapters.items():
-                adapter = registry.register_adapter(
-                    session=session,
-                    name=name,
-                    path=path,
-                    base_sha256=base_sha256,
-                    manifest=manifests[name],
-                    parent_id=None,
-                    round_id=None,
-                    actor="benchmark",
-                )
-                for state in ("evaluating", "approved"):
-                    registry.transition(
-                        session=session,
-                        adapter=adapter,
-                        to_state=state,
-                        actor="benchmark",
-                        reason="hotswap benchmark",
-                    )
+            _, world.ide_token = create_token(session=session, name="hotswap-ide", role=Role.IDE)
+            _, world.ops_token = create_token(session=session, name="hotswap-ops", role=Role.OPS)
+            if store is None:
+                for name, path in adapters.items():
+                    register_approved(session, world, name, path, None)
             # One token drives the load, and the canary is sticky per token: a share of 1
             # sends all of it to the canary, so its arrival is measurable like a promotion.
             set_rollout_state(session=session, actor="benchmark", canary_share=1.0)
     finally:
         db.dispose()
-    return World(
-        home=home,
-        model_dir=model_dir,
-        served_name=served_name,
-        database_url=database_url,
-        ide_token=ide,
-        ops_token=ops,
-        adapters=adapters,
-        base_sha256=base_sha256,
-    )
+    return world
 
 
 @dataclass
@@ -356,6 +466,8 @@ def start_replicas(world: World, args: argparse.Namespace) -> list[Replica]:
             )
             if args.poll_seconds is not None:
                 env["KAIZEN_ROLLOUT_POLL_SECONDS"] = str(args.poll_seconds)
+            if world.store is not None:  # each replica its own cache: no disk shared for them
+                env.update(world.store.replica_env(world.home / f"replica-{i}" / "adapter-cache"))
             log_path = world.home / f"replica-{i}.log"
             process = ServerProcess(
                 f"kaizen serve (replica {i})",
@@ -515,6 +627,10 @@ class ChangeRun:
     status: int
     response: Any
     actual: str  # what the registry made active ("base": none); swap times are measured to it
+    # With --adapter-store: the version this change serves first was published just before it
+    # (seconds since the load began when publishing started; the steps' durations).
+    published: float | None = None
+    publish: dict[str, Any] | None = None
 
     @property
     def call_ms(self) -> float:
@@ -657,6 +773,17 @@ async def run_scenario(world: World, replicas: list[Replica], args: argparse.Nam
             log.info("warm-up over; steady load for %.0f s", args.settle)
             await asyncio.sleep(args.settle)
             for number, change in enumerate(plan(), start=1):
+                published: float | None = None
+                publish: dict[str, Any] | None = None
+                if change.adapter is not None and change.adapter not in world.registered:
+                    published = time.perf_counter() - t0
+                    publish = await asyncio.to_thread(publish_and_register, world, change.adapter)
+                    log.info(
+                        "published %s in %.2f s, registered in %.2f s",
+                        change.adapter,
+                        publish["publish_s"],
+                        publish["register_s"],
+                    )
                 sent = time.perf_counter() - t0
                 if change.kind in ("canary", "promote"):
                     to = "canary" if change.kind == "canary" else "active"
@@ -676,7 +803,9 @@ async def run_scenario(world: World, replicas: list[Replica], args: argparse.Nam
                 ok = response.status_code == 200 and isinstance(body, dict)
                 serving = "canary" if change.kind == "canary" else "active"
                 actual = (body["rollout"][serving] or BASE) if ok else "?"
-                run = ChangeRun(change, sent, answered, response.status_code, body, actual)
+                run = ChangeRun(
+                    change, sent, answered, response.status_code, body, actual, published, publish
+                )
                 runs.append(run)
                 log.info(
                     "change %d (%s): HTTP %d in %.0f ms: %s",
@@ -822,6 +951,15 @@ def analyse(
                 ),
                 "window_s": [run.sent - pad, complete_at + pad],
             }
+        swaps = [d["swap_s"] for d in entry["replicas"].values()]
+        all_serving = None if None in swaps else max(swaps)
+        entry["change_to_all_serving_s"] = all_serving
+        entry["publish"] = run.publish
+        entry["publish_to_all_serving_s"] = (
+            None
+            if run.published is None or all_serving is None
+            else run.sent - run.published + all_serving
+        )
         per_change.append(entry)
     for index, entry in enumerate(per_change):
         for replica, data in entry["replicas"].items():
@@ -928,7 +1066,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=120)
+    console = Console(width=140)
     n = len(report["changes"])
     for number, entry in enumerate(report["changes"], start=1):
         planned = (
@@ -941,6 +1079,16 @@ def print_report(report: dict[str, Any]) -> None:
             f"(HTTP {entry['status']}): {'; '.join(entry['changes'] or [])}; now serving "
             f"{entry['actual']}{planned}"
         ]
+        if entry.get("publish"):
+            pub = entry["publish"]
+            lines.append(
+                f"  publish -> all replicas serving: {_fmt(entry['publish_to_all_serving_s'], 2)} s"
+                f" (upload to the store {pub['publish_s']:.2f} s, register and approve "
+                f"{pub['register_s']:.2f} s, then the change; {pub['uri']})"
+            )
+        lines.append(
+            f"  change -> all replicas serving: {_fmt(entry['change_to_all_serving_s'], 2)} s"
+        )
         for replica, d in entry["replicas"].items():
             swap = (
                 f"{_fmt(d['swap_s'], 2)} s"
@@ -1031,6 +1179,8 @@ def print_report(report: dict[str, Any]) -> None:
         "rep",
         "swap s",
         "route s",
+        "all s",
+        "pub->all s",
         "call ms",
         "window reqs",
         "failed",
@@ -1040,13 +1190,15 @@ def print_report(report: dict[str, Any]) -> None:
     ):
         summary.add_column(column, justify="right")
     for number, entry in enumerate(report["changes"], start=1):
-        for replica, d in entry["replicas"].items():
+        for k, (replica, d) in enumerate(entry["replicas"].items()):
             summary.add_row(
                 f"{number} {entry['short']}",
                 _short(entry["actual"]) + ("" if entry["actual"] == entry["expect"] else " (!)"),
                 str(replica),
                 _fmt(d["swap_s"], 2) if d["complete"] else "incomplete",
                 _fmt(d["routing_switch_s"], 2),
+                "" if k else _fmt(entry["change_to_all_serving_s"], 2),
+                "" if k or not entry.get("publish") else _fmt(entry["publish_to_all_serving_s"], 2),
                 _fmt(entry["call_ms"]),
                 str(d["window"]["requests"]),
                 str(d["window"]["failed"]),
@@ -1060,6 +1212,8 @@ def print_report(report: dict[str, Any]) -> None:
             "pooled: windows/steady",
             "",
             str(replica),
+            "",
+            "",
             "",
             "",
             "",
@@ -1080,10 +1234,19 @@ def print_report(report: dict[str, Any]) -> None:
         f"[{_mark(t['changes_as_planned'])}]; p99 latency and TTFT in every window <= "
         f"{TARGET_P99_RATIO}x steady before [{_mark(t['p99_ratio'])}]; max swap "
         f"{_fmt(s['max_swap_s'], 2)} s\n"
-        f"greedy text differs from the base model's for "
+        + (
+            f"adapter store {report['adapter_store']['kind']} ({report['adapter_store']['url']}): "
+            f"publish -> all replicas serving, max {_fmt(s['max_publish_to_all_serving_s'], 2)} s;"
+            " fetches from the store per replica "
+            + ", ".join(f"{r['index']}: {r['adapter_fetches']}" for r in report["replicas"])
+            + "\n"
+            if report.get("adapter_store")
+            else ""
+        )
+        + "greedy text differs from the base model's for "
         + ", ".join(f"{_short(k)} {v}" for k, v in differs.items())
         + " prompts\n"
-        f"machine: {m['cpus']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
+        + f"machine: {m['cpus']} CPUs, load average {m['loadavg_start'][0]:.2f} at the start, "
         f"{m['loadavg_end'][0]:.2f} at the end; CPU busy {m['busy_percent']:.0f}% over "
         f"{m['wall_s']:.0f} s of load: Kaizen servers {m['servers_cpu_s']:.0f} CPU-s, this "
         f"client {m['client_cpu_s']:.0f} CPU-s, other processes {m['others_cpu_s']:.0f} CPU-s",
@@ -1103,6 +1266,7 @@ def build_report(
         d["swap_s"] for c in changes for d in c["replicas"].values() if d["swap_s"] is not None
     ]
     within = [d["p99_within_target"] for c in changes for d in c["replicas"].values()]
+    published = [c["publish_to_all_serving_s"] for c in changes if c.get("publish")]
     targets = {
         "no_failed_requests": not failed,
         "every_swap_complete": len(runs) == len(plan())
@@ -1121,6 +1285,16 @@ def build_report(
         },
         "adapters": world.adapters,
         "database": "postgresql" if world.database_url.startswith("postgresql") else "sqlite",
+        "adapter_store": None
+        if world.store is None
+        else {
+            "kind": world.store.kind,
+            "url": world.store.url,
+            "endpoint_url": world.store.endpoint_url,
+            "replica_cache_dirs": [
+                str(world.home / f"replica-{r.index}" / "adapter-cache") for r in replicas
+            ],
+        },
         "home": str(world.home),
         "replicas": [
             {
@@ -1130,6 +1304,7 @@ def build_report(
                 "log": str(r.process.log_path),
                 "exit_code": r.process.proc.returncode,
                 "error_lines": error_lines(r.process.log_path),
+                "adapter_fetches": count_lines(r.process.log_path, "event=adapter_fetched"),
             }
             for r in replicas
         ],
@@ -1154,6 +1329,11 @@ def build_report(
             "failed": len(failed),
             "failures": [asdict(q) for q in failed[:50]],
             "max_swap_s": max(swaps, default=None),
+            # None when a publish's swap did not complete on every replica
+            "publish_to_all_serving_s": published,
+            "max_publish_to_all_serving_s": None
+            if not published or None in published
+            else max(published),
         },
         "changes": changes,
         "pooled": pooled,
@@ -1165,6 +1345,14 @@ def build_report(
         ],
         "probes": [asdict(p) for p in scenario.probes],
     }
+
+
+def count_lines(path: Path, needle: str) -> int:
+    """Lines of a server log that contain ``needle``."""
+    try:
+        return sum(needle in line for line in path.read_text(errors="replace").splitlines())
+    except OSError:
+        return 0
 
 
 def error_lines(path: Path, limit: int = 20) -> list[str]:
@@ -1214,6 +1402,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="PostgreSQL server (postgresql+psycopg://.../<admin db>): a fresh database is "
         "created there and dropped afterwards; default: SQLite in the home (one replica only)",
+    )
+    parser.add_argument(
+        "--adapter-store",
+        choices=("none", "s3", "file"),
+        default="none",
+        help="publish the adapters during the run (publish_adapter) to an S3 store (a moto "
+        "server on loopback; each replica fetches into its own KAIZEN_ADAPTER_CACHE_DIR) or a "
+        "file:// store (a shared mount, read in place); none: registered where they were written",
     )
     parser.add_argument(
         "--poll-seconds", type=float, default=None, help="KAIZEN_ROLLOUT_POLL_SECONDS (2.0)"
@@ -1283,7 +1479,8 @@ def main(argv: list[str] | None = None) -> int:
                 database_url = stack.enter_context(fresh_postgres(args.database_url))
             else:
                 database_url = f"sqlite:///{home / 'kaizen.db'}"
-            world = prepare_world(args, home, database_url)
+            store = stack.enter_context(adapter_store(args.adapter_store, home))
+            world = prepare_world(args, home, database_url, store)
             replicas = start_replicas(world, args)
             try:
                 scenario = asyncio.run(run_scenario(world, replicas, args))
