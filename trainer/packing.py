@@ -379,13 +379,14 @@ def token_logps(model: Any, batch: PackedBatch, *, fused_lm_head: bool = False) 
         "use_cache": False,
     }
     if batch.shared_prompts:
-        if not supports_shared_prompts(model):
+        inner = getattr(model, "module", model)  # DDP's wrapper (trainer.launch) has no config
+        if not supports_shared_prompts(inner):
             raise ValueError(
                 "shared-prompt batches need sdpa or eager attention; pack with "
                 "share_prompt=False for flash-attention"
             )
-        implementation = model.config.get_text_config()._attn_implementation
-        dtype = None if implementation == "sdpa" else model.dtype
+        implementation = inner.config.get_text_config()._attn_implementation
+        dtype = None if implementation == "sdpa" else inner.dtype
         common["attention_mask"] = batch.attention_mask(dtype)
     if fused_lm_head:
         labels = torch.where(batch.target_mask, batch.input_ids, -100)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -249,19 +250,23 @@ class KaizenDPOTrainer(DPOTrainer):
         )
         self._count_tokens(batch.data_tokens, batch.num_tokens, batch.input_ids.numel())
         mode = "train" if self.model.training else "eval"
+
+        def mean(values: torch.Tensor) -> float:
+            # Over every process's pairs, as TRL's metrics (one process: these pairs).
+            return self.accelerator.gather(values.detach().float().reshape(-1)).mean().item()
+
         if mode == "train":
-            self._total_train_tokens += batch.data_tokens
+            tokens = torch.tensor([batch.data_tokens], device=batch.input_ids.device)
+            self._total_train_tokens += int(self.accelerator.gather(tokens).sum().item())
         metrics = self._metrics[mode]
         metrics["num_tokens"] = [self._total_train_tokens]
-        metrics["nll"].append(out.nll.item())
-        metrics["rewards/chosen"].append(out.chosen_rewards.mean().item())
-        metrics["rewards/rejected"].append(out.rejected_rewards.mean().item())
-        accuracy = (out.chosen_rewards > out.rejected_rewards).float().mean().item()
-        metrics["rewards/accuracies"].append(accuracy)
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics["rewards/margins"].append(margins.mean().item())
-        metrics["logps/chosen"].append(policy[:n].detach().mean().item())
-        metrics["logps/rejected"].append(policy[n:].detach().mean().item())
+        metrics["nll"].append(mean(out.nll))
+        metrics["rewards/chosen"].append(mean(out.chosen_rewards))
+        metrics["rewards/rejected"].append(mean(out.rejected_rewards))
+        metrics["rewards/accuracies"].append(mean(out.chosen_rewards > out.rejected_rewards))
+        metrics["rewards/margins"].append(mean(out.chosen_rewards - out.rejected_rewards))
+        metrics["logps/chosen"].append(mean(policy[:n]))
+        metrics["logps/rejected"].append(mean(policy[n:]))
         return out.loss
 
 
@@ -312,7 +317,14 @@ def train_adapter(
     parent = _parent_fingerprint(parent_adapter, base["sha256"])
     run_key = _run_key(config, base["sha256"], parent, pairs)
     checkpoints = output_dir / CHECKPOINTS_DIR
-    resume_from = _prepare_checkpoints(checkpoints, run_key, resume)
+    # Built first: under `accelerate launch` (trainer.launch) this joins the process group, and
+    # only the main process may then clear or create the checkpoints folder.
+    args = _dpo_config(config, checkpoints, progress)
+    with args.main_process_first(local=False, desc="checkpoints"):
+        if args.process_index == 0:
+            resume_from = _prepare_checkpoints(checkpoints, run_key, resume)
+        else:  # what the main process kept
+            resume_from = get_last_checkpoint(str(checkpoints)) if resume else None
 
     with _progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
@@ -358,7 +370,7 @@ def train_adapter(
         guard = NonFiniteGuard()
         trainer = KaizenDPOTrainer(
             model=model,
-            args=_dpo_config(config, checkpoints, progress),
+            args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
             data_collator=collator,
@@ -392,6 +404,13 @@ def train_adapter(
 
     history = list(trainer.state.log_history)
     runtime = float(output.metrics.get("train_runtime", 0.0)) or 1e-9
+    if args.world_size > 1:  # each process counted its own batches: the totals of all of them
+        counts = torch.tensor(
+            [trainer.data_tokens, trainer.real_tokens, trainer.slot_tokens],
+            device=trainer.accelerator.device,
+        )
+        summed = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+        trainer.data_tokens, trainer.real_tokens, trainer.slot_tokens = map(int, summed)
     tokens_per_s = trainer.data_tokens / runtime
     metrics = _final_metrics(history)
     metrics["tokens_per_second"] = tokens_per_s
@@ -431,8 +450,10 @@ def train_adapter(
         "versions": _versions(),
         **(extra_manifest or {}),
     }
-    _save_adapter(policy, adapter_dir, manifest)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    if args.process_index == 0:  # the other processes of a launch hold the same weights
+        _save_adapter(policy, adapter_dir, manifest)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     result.adapter_dir = adapter_dir
     log.info(
         "event=adapter_trained dir=%s steps=%d duration_s=%.1f tokens_per_s=%.0f loss=%s",
@@ -537,6 +558,21 @@ def _load_model(
 
 def _dpo_config(config: TrainConfig, checkpoints: Path, progress: bool) -> DPOConfig:
     on_gpu = torch.cuda.is_available()
+    # `batch_size` pairs per optimiser step whatever the number of processes: under a launch of
+    # N (WORLD_SIZE, trainer.launch) each takes 1/N of the micro-batches or of each micro-batch.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, accumulation = config.micro_batch_size, config.gradient_accumulation
+    if world > 1:
+        if accumulation % world == 0:
+            accumulation //= world
+        elif micro % world == 0:
+            micro //= world
+        else:
+            raise ValueError(
+                f"batch_size={config.batch_size} with gradient_accumulation="
+                f"{config.gradient_accumulation} cannot be split over {world} processes; make "
+                f"gradient_accumulation or batch_size / gradient_accumulation a multiple of {world}"
+            )
     bf16 = config.bf16 if config.bf16 is not None else on_gpu and torch.cuda.is_bf16_supported()
     return DPOConfig(
         output_dir=str(checkpoints),
@@ -548,8 +584,8 @@ def _dpo_config(config: TrainConfig, checkpoints: Path, progress: bool) -> DPOCo
         warmup_steps=config.warmup_steps,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         max_grad_norm=config.max_grad_norm,
         max_length=config.max_length,
         seed=config.seed,
@@ -566,6 +602,8 @@ def _dpo_config(config: TrainConfig, checkpoints: Path, progress: bool) -> DPOCo
         report_to="none",
         disable_tqdm=not progress,
         use_cpu=not on_gpu,
+        # Under DDP (trainer.launch): every trainable (LoRA) weight is used in every forward.
+        ddp_find_unused_parameters=False,
         dataloader_pin_memory=on_gpu,
     )
 
