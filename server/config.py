@@ -233,6 +233,13 @@ class Settings(BaseSettings):
     train_max_steps: int = Field(
         -1, ge=-1, description="Cap on optimiser steps per round; -1 trains full epochs."
     )
+    train_num_processes: int = Field(
+        1,
+        ge=1,
+        description="Processes a round's training runs in (trainer.launch): 1 trains in the "
+        "trainer's own process (the CPU path); N > 1 runs `accelerate launch` with N processes, "
+        "one per GPU, data-parallel (DDP).",
+    )
     train_auto_gate: bool = Field(
         True,
         description="After a round, run the gate on its candidate and, if approved and "
