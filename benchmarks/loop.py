@@ -61,10 +61,10 @@ from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult, compare, evaluate, load_suite
+from trainer.generate import vllm_generator_factory
 from trainer.round import RoundOptions, RoundReport, run_round
 from trainer.sandbox import Sandbox
 from trainer.tasks import Task, load_mbpp
-from trainer.worker import vllm_generator_factory
 
 log = logging.getLogger("benchmarks.loop")
 

@@ -13,16 +13,9 @@ from server.console import echo_tree, fail, setup_logging
 from server.store.db import make_engine, make_session_factory, session_scope
 from server.store.rounds import list_rounds
 from trainer.config import TrainConfig
-from trainer.round import RoundOptions
-from trainer.worker import (
-    RoundBusyError,
-    RoundWorker,
-    Schedule,
-    gate_and_canary,
-    round_lock,
-    round_runner,
-    vllm_generator_factory,
-)
+from trainer.lock import RoundBusyError, round_lock
+from trainer.round import RoundOptions, round_runner
+from trainer.worker import RoundWorker, Schedule
 
 
 def register(app: typer.Typer) -> None:
@@ -141,6 +134,8 @@ def gate_command(
 ) -> None:
     """Evaluate a candidate against the active adapter and approve or reject it."""
     from server.engine.vllm_engine import resolve_model_dir  # imports vLLM
+    from trainer.generate import vllm_generator_factory
+    from trainer.handoff import gate_and_canary
 
     settings = get_settings()
     if limit is not None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from server.config import Settings
 from server.engine.fim import FIM_END_TOKENS, FimFormat, suffix_stops
 from server.engine.lora import read_adapter_rank
 from server.engine.vllm_engine import apply_cpu_binding, install_process_guard, scheduler_args
@@ -27,11 +28,14 @@ if TYPE_CHECKING:
 __all__ = [
     "GeneratedChoice",
     "GenerationRequest",
+    "Generator",
+    "GeneratorFactory",
     "HfTokens",
     "PreparedRequest",
     "Tokens",
     "VllmGenerator",
     "prepare_request",
+    "vllm_generator_factory",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,18 @@ class GenerationRequest:
 class GeneratedChoice:
     text: str
     finish_reason: str | None  # "stop" (a stop string or token, or the end) | "length"
+
+
+class Generator(Protocol):
+    """What a round and the gate need of an inference engine (:class:`VllmGenerator`; tests use
+    scripted ones). ``close`` frees the engine's memory."""
+
+    def generate(self, requests: Sequence[GenerationRequest], **kwargs: Any) -> list[list[str]]: ...
+
+    def close(self) -> None: ...
+
+
+GeneratorFactory = Callable[[], Generator]  # a fresh engine per call; the caller closes it
 
 
 @dataclass(frozen=True)
@@ -335,3 +351,21 @@ class VllmGenerator:
                 row[choice.index] = GeneratedChoice(choice.text, choice.finish_reason)
             results[slot] = row
         return results
+
+
+def vllm_generator_factory(settings: Settings, model_dir: Path) -> Callable[[], VllmGenerator]:
+    """Builds the trainer's vLLM engine with the server's limits (context, LoRA rank, KV cache),
+    for resampling and the gate; each call starts a fresh one (close it when done)."""
+
+    def make() -> VllmGenerator:
+        return VllmGenerator(
+            model_dir,
+            max_model_len=settings.max_model_len,
+            max_lora_rank=settings.max_lora_rank,
+            kv_cache_gib=settings.kv_cache_gib,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            seed=settings.seed,
+        )
+
+    return make

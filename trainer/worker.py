@@ -4,10 +4,9 @@ finishes a round that was killed before it starts a new one.
 A round is due when at least ``min_new_records`` new CI verdicts arrived since the last round's
 cut-off (trigger ``records``), or ``interval_hours`` passed since the last round and at least
 one verdict is new (trigger ``schedule``), unless ops paused training (``kaizen rollout set
---no-training``, or ``PUT /v1/rollout``). One round at a time: the worker holds an exclusive
-file lock (``rounds_dir/.lock``) while it works, so a second worker on the same host, or a
-manual ``kaizen train``, waits its turn or gives up; on PostgreSQL the lock is an advisory
-lock in the database instead, so workers on different hosts take turns the same way. A round
+--no-training``, or ``PUT /v1/rollout``). One round at a time: the worker holds the round lock
+(:mod:`trainer.lock`: a file lock on SQLite, an advisory lock on PostgreSQL) while it works, so
+a second worker, on this host or another, or a manual ``kaizen train``, gives up its turn. A round
 left ``running`` in the database while nobody holds the lock was killed; the next tick resumes
 it (see :mod:`trainer.round`).
 
@@ -18,82 +17,24 @@ a promise to the users, not a training setting.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.config import Settings
 from server.store import rounds as round_store
 from server.store.governance import prune_records
-from server.store.locks import LockBusyError, advisory_lock, supports_advisory_locks
 from server.store.rollout import get_rollout_state
-from trainer.config import TrainConfig
-from trainer.round import RoundOptions, RoundReport
+from trainer.lock import RoundBusyError, round_lock
+from trainer.round import RoundReport
 
-__all__ = [
-    "RoundBusyError",
-    "RoundWorker",
-    "Schedule",
-    "due_trigger",
-    "round_lock",
-    "round_runner",
-]
+__all__ = ["RoundWorker", "Schedule", "due_trigger"]
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = ".lock"
-ROUND_LOCK_NAME = "kaizen.training_round"
-
-
-class RoundBusyError(RuntimeError):
-    """Another round holds the lock."""
-
-
-@contextmanager
-def round_lock(
-    rounds_dir: Path, *, wait: bool = False, database: Engine | str | None = None
-) -> Iterator[None]:
-    """Hold the one-round-at-a-time lock; raises :class:`RoundBusyError` when it is taken and
-    ``wait`` is false. The kernel drops the lock when the process dies, however it dies.
-
-    With ``database`` on PostgreSQL the lock is an advisory lock there
-    (:mod:`server.store.locks`), so workers on different hosts take turns too; the database
-    drops it when the holder's session ends. SQLite keeps the file lock."""
-    if database is not None and supports_advisory_locks(database):
-        with ExitStack() as stack:
-            try:
-                stack.enter_context(advisory_lock(database, ROUND_LOCK_NAME, wait=wait))
-            except LockBusyError as exc:
-                raise RoundBusyError(
-                    "another training round is running (the database lock "
-                    f"{ROUND_LOCK_NAME!r} is held)"
-                ) from exc
-            yield
-        return
-    rounds_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(rounds_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError as exc:
-            raise RoundBusyError(
-                f"another training round is running (lock {rounds_dir / LOCK_FILE} is held)"
-            ) from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -118,8 +59,8 @@ def due_trigger(session: Session, schedule: Schedule, now: datetime | None = Non
 
 
 class RoundWorker:
-    """Runs rounds when due. ``run(trigger, resume_round_id)`` does the round (normally a
-    closure over :func:`trainer.round.run_round` with the settings' model and config)."""
+    """Runs rounds when due. ``run(trigger, resume_round_id)`` does the round, gate included
+    (normally :func:`trainer.round.round_runner`'s, from the settings)."""
 
     def __init__(
         self,
@@ -198,156 +139,3 @@ class RoundWorker:
             except Exception:
                 log.exception("event=round_error")
             stop.wait(self.poll_seconds)
-
-
-def vllm_generator_factory(settings: Settings, model_dir: Path) -> Callable[[], Any]:
-    """Builds the trainer's vLLM engine with the server's limits (context, LoRA rank, KV cache),
-    for resampling and the gate; each call starts a fresh one (close it when done)."""
-
-    def make() -> Any:
-        from trainer.generate import VllmGenerator
-
-        return VllmGenerator(
-            model_dir,
-            max_model_len=settings.max_model_len,
-            max_lora_rank=settings.max_lora_rank,
-            kv_cache_gib=settings.kv_cache_gib,
-            dtype=settings.dtype,
-            enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
-        )
-
-    return make
-
-
-def round_runner(
-    settings: Settings,
-    *,
-    config: TrainConfig | None = None,
-    options: RoundOptions | None = None,
-    parent: str | None = None,
-    dry_run: bool = False,
-    progress: bool = True,
-) -> Callable[[str, int | None], RoundReport]:
-    """A round as the settings describe it: the served model, its engine limits for
-    resampling, ``rounds_dir`` for the work. What ``kaizen train`` and the worker run."""
-    from server.engine.vllm_engine import resolve_model_dir
-    from server.store.artifacts import restore_round_parents
-    from server.store.db import make_engine, make_session_factory
-    from trainer.round import run_round
-
-    assert settings.rounds_dir is not None
-    rounds_dir = settings.rounds_dir
-    base_model_dir = resolve_model_dir(settings)
-    # One token budget for everything: what the server can serve (KAIZEN_MAX_MODEL_LEN) is
-    # what selection scores and training trains (see trainer.budget).
-    config = config or TrainConfig(
-        max_steps=settings.train_max_steps, max_length=settings.max_model_len
-    )
-    options = options or RoundOptions(
-        n_resample=settings.train_resample,
-        max_token_share=settings.train_max_token_share,
-        max_fix_distance=settings.train_max_fix_distance,
-    )
-
-    generator = vllm_generator_factory(settings, base_model_dir)
-
-    def run(trigger: str, resume_round_id: int | None) -> RoundReport:
-        db = make_engine(settings.database_url)
-        try:
-            with make_session_factory(db)() as session:  # trained on another trainer host?
-                restore_round_parents(
-                    session,
-                    root=rounds_dir,
-                    parent=parent,
-                    endpoint_url=settings.adapter_store_endpoint_url or None,
-                )
-            report = run_round(
-                session_factory=make_session_factory(db),
-                base_model_dir=base_model_dir,
-                rounds_dir=rounds_dir,
-                config=config,
-                options=options,
-                generator_factory=generator,
-                parent=parent,
-                trigger=trigger,
-                dry_run=dry_run,
-                resume_round_id=resume_round_id,
-                progress=progress,
-            )
-            if report.status == "succeeded" and report.adapter_name and settings.train_auto_gate:
-                factory = make_session_factory(db)
-                report.gate = gate_and_canary(
-                    settings, factory, report.adapter_name, generator, progress=progress
-                )
-            return report
-        finally:
-            db.dispose()
-
-    return run
-
-
-def gate_config(settings: Settings) -> Any:
-    """The gate as the settings describe it (MBPP+ ships with Kaizen: every suite runs)."""
-    from trainer.gate import GateConfig
-
-    return GateConfig.from_settings(settings)
-
-
-def gate_and_canary(
-    settings: Settings,
-    session_factory: sessionmaker[Session],
-    adapter_name: str,
-    generator: Callable[[], Any],
-    *,
-    canary: bool = True,
-    progress: bool = True,
-    suites: Any = None,
-) -> dict[str, Any]:
-    """Gate a candidate; an approved one becomes the canary when ``canary`` and automatic
-    rollout is on (not paused, nothing pinned). Returns the decision, reasons and changes.
-    ``suites`` (name -> tasks) replaces the configured suites (tests use toy ones)."""
-    from server.store.rollout import RolloutError, promote
-    from trainer.gate import run_gate
-    from trainer.sandbox import Sandbox
-
-    engine = generator()
-    try:
-        result = run_gate(
-            session_factory=session_factory,
-            adapter_name=adapter_name,
-            generator=engine,
-            sandbox=Sandbox(workers=2),
-            mbpp_path=settings.mbpp_path,
-            config=gate_config(settings),
-            progress=progress,
-            suites=suites,
-        )
-    finally:
-        engine.close()
-    out: dict[str, Any] = {"decision": result.decision, "reasons": result.reasons, "changes": []}
-    if result.approved and canary:
-        with session_factory() as session:
-            state = get_rollout_state(session=session)
-            if state.auto_rollout and state.pinned_adapter_id is None:
-                try:
-                    out["changes"] = promote(
-                        session=session,
-                        name=adapter_name,
-                        to="canary",
-                        actor="trainer",
-                        reason="approved by the gate",
-                    )
-                except RolloutError as exc:
-                    out["changes"] = [f"not made the canary: {exc}"]
-            else:
-                out["changes"] = [
-                    "automatic rollout is paused or a version is pinned: promote it by hand"
-                ]
-    log.info(
-        "event=gate_done adapter=%s decision=%s changes=%r",
-        adapter_name,
-        result.decision,
-        out["changes"],
-    )
-    return out

@@ -850,7 +850,7 @@ def test_an_approved_candidate_becomes_the_canary_unless_rollout_is_paused(
     auto_rollout: bool,
 ) -> None:
     from server.store.rollout import set_rollout_state
-    from trainer.worker import gate_and_canary
+    from trainer.handoff import gate_and_canary
 
     path = _register(session_factory, "kaizen-r1-good", tmp_path)
     with session_factory() as session:
@@ -891,7 +891,7 @@ def test_an_approved_candidate_becomes_the_canary_unless_rollout_is_paused(
 def test_a_rejected_candidate_goes_nowhere(
     session_factory: sessionmaker[Session], settings: Any, tmp_path: Path
 ) -> None:
-    from trainer.worker import gate_and_canary
+    from trainer.handoff import gate_and_canary
 
     _register(session_factory, "kaizen-r1-bad", tmp_path)
     out = gate_and_canary(

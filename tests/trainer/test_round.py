@@ -29,8 +29,10 @@ from server.store.rollout import set_rollout_state
 from tests.trainer.test_train import _config as tiny_config
 from tests.utils.tiny_model import build_tiny_model
 from trainer.config import TrainConfig
-from trainer.round import RoundOptions, chosen_logp_alarm, run_round
-from trainer.worker import RoundBusyError, RoundWorker, Schedule, due_trigger, round_lock
+from trainer.lock import RoundBusyError, round_lock
+from trainer.round import RoundOptions, run_round
+from trainer.stages import chosen_logp_alarm
+from trainer.worker import RoundWorker, Schedule, due_trigger
 
 REPO = "github.com/acme/app"
 # (function, prompt, passing body, failing body, test)
@@ -330,6 +332,112 @@ def test_a_killed_round_is_resumed_by_the_worker(
         assert len(registry.list_adapters(session=session)) == 1
 
 
+class _Killed(BaseException):
+    """Stands in for a SIGKILL inside a stage: nothing in the round catches it, so the round's
+    row stays ``running``, as after a real kill."""
+
+
+def test_the_gate_is_the_rounds_last_stage(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    with session_factory() as session:
+        add_records(session)
+    seen: list[tuple[str, str | None]] = []
+    decision = {"decision": "approved", "reasons": ["toy: +1"], "changes": ["x is the canary"]}
+
+    def gate(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+        with factory() as session:  # the candidate is registered before the gate sees it
+            adapter = registry.get_adapter(session=session, name=name)
+            seen.append((name, adapter.state if adapter else None))
+        return decision
+
+    report = _round(session_factory, model_dir, tmp_path / "rounds", gate=gate)
+    assert report.status == "succeeded", report.error
+    assert seen == [(report.adapter_name, "candidate")]
+    assert report.gate == decision
+    assert list(report.durations)[-2:] == ["register", "gate"]
+    with session_factory() as session:
+        row = session.get(TrainingRound, report.round_id)
+        assert row is not None and row.status == "succeeded"
+        assert row.funnel["gate"] == decision
+    work = tmp_path / "rounds" / "round-00001"
+    assert json.loads((work / "gate.json").read_text()) == decision
+
+
+def test_a_round_killed_in_the_gate_resumes_at_the_gate_and_does_not_train_again(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    with session_factory() as session:
+        add_records(session)
+    rounds_dir = tmp_path / "rounds"
+
+    def killed(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        _round(session_factory, model_dir, rounds_dir, gate=killed)
+    with session_factory() as session:
+        (row,) = round_store.unfinished_rounds(session=session)
+        (adapter,) = registry.list_adapters(session=session)
+        assert row.adapter_id == adapter.id and adapter.state == "candidate"
+    work = rounds_dir / f"round-{row.id:05d}"
+    weights = work / "train" / "adapter" / "adapter_model.safetensors"
+    written = {f: (work / f).stat().st_mtime_ns for f in ("trained.json", "registered.json")}
+    weights_written = weights.stat().st_mtime_ns
+
+    gated: list[str] = []
+
+    def gate(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+        gated.append(name)
+        return {"decision": "rejected", "reasons": ["toy: -1"], "changes": []}
+
+    report = _round(session_factory, model_dir, rounds_dir, gate=gate, resume_round_id=row.id)
+    assert report.status == "succeeded", report.error
+    assert gated == [adapter.name] and report.adapter_name == adapter.name
+    assert report.gate is not None and report.gate["decision"] == "rejected"
+    assert weights.stat().st_mtime_ns == weights_written  # not trained again
+    assert {f: (work / f).stat().st_mtime_ns for f in written} == written
+    with session_factory() as session:
+        assert [a.name for a in registry.list_adapters(session=session)] == [adapter.name]
+        assert round_store.unfinished_rounds(session=session) == []
+
+
+def test_a_gate_that_fails_fails_the_round_and_leaves_the_candidate(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    with session_factory() as session:
+        add_records(session)
+
+    def broken(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+        raise RuntimeError("the gate's engine died")
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        _round(session_factory, model_dir, tmp_path / "rounds", gate=broken)
+    with session_factory() as session:
+        (row,) = round_store.list_rounds(session=session)
+        assert row.status == "failed" and "engine died" in (row.error or "")
+        (adapter,) = registry.list_adapters(session=session)
+        assert adapter.state == "candidate" and row.adapter_id == adapter.id
+
+
+def test_skipped_and_stopped_rounds_never_reach_the_gate(
+    session_factory: sessionmaker[Session], model_dir: Path, tmp_path: Path
+) -> None:
+    def gate(factory: sessionmaker[Session], name: str) -> dict[str, Any]:
+        raise AssertionError("the gate ran")
+
+    with session_factory() as session:
+        add_records(session, TASKS[:1])
+    skipped = _round(session_factory, model_dir, tmp_path / "a", gate=gate)
+    assert skipped.status == "skipped" and skipped.gate is None
+    with session_factory() as session:
+        add_records(session, tag="more")
+    stopped = _round(
+        session_factory, model_dir, tmp_path / "b", gate=gate, config=_config(learning_rate=1e12)
+    )
+    assert stopped.status == "stopped" and stopped.gate is None
+
+
 def test_due_trigger_counts_new_verdicts_and_the_interval(
     session_factory: sessionmaker[Session],
 ) -> None:
@@ -613,7 +721,7 @@ def test_the_worker_prunes_records_past_the_retention_window(
 def test_resampling_repeats_the_served_request_and_drops_cut_off_samples() -> None:
     from trainer.generate import GeneratedChoice, GenerationRequest
     from trainer.pairs import ResampleAsk
-    from trainer.round import _batch_resampler
+    from trainer.stages import _batch_resampler
 
     class Recording:
         def __init__(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 from server.store.db import upgrade
 from server.store.locks import LockBusyError, advisory_lock, lock_holder
 from tests.utils.postgres import pg_database
-from trainer.worker import ROUND_LOCK_NAME, RoundBusyError, round_lock
+from trainer.lock import ROUND_LOCK_NAME, RoundBusyError, round_lock
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parents[2]
