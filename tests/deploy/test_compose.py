@@ -427,3 +427,35 @@ def test_a_broken_copy_is_caught(breakage: str) -> None:
         text, doc = result, yaml.safe_load(result)
     problems = all_problems(doc, text)
     assert any(expected in p for p in problems), problems
+
+
+# --- the one-off steps' own scripts
+
+
+def test_the_bucket_step_creates_the_bucket_once_against_a_real_s3_server(
+    s3: Any, aws_env: dict[str, str]
+) -> None:
+    """store-init's script (run by python3 -c in the image) against moto's server: it creates
+    the bucket KAIZEN_ADAPTER_STORE names, and a second run (a restart) changes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    doc, _ = load()
+    service = doc["services"]["store-init"]
+    assert service["entrypoint"] == ["python3", "-c"]
+    script = service["command"][0]
+    bucket = f"kaizen-init-{os.getpid()}"
+    env = {
+        **os.environ,
+        **aws_env,
+        "KAIZEN_ADAPTER_STORE": f"s3://{bucket}/adapters",
+        "KAIZEN_ADAPTER_STORE_ENDPOINT_URL": s3.endpoint_url,
+    }
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    names = [b["Name"] for b in s3.client().list_buckets()["Buckets"]]
+    assert names.count(bucket) == 1
