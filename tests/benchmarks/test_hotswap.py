@@ -75,6 +75,30 @@ def test_publish_and_register_puts_the_adapter_in_the_store_only(
     assert checksum_document(fetched) == expected
 
 
+def test_a_file_store_is_a_shared_mount_read_in_place(tmp_path: Path, db_url: str) -> None:
+    name = ADAPTER_NAMES[1]
+    local = _adapter(tmp_path / "adapters" / name)
+    store = AdapterStore("file", (tmp_path / "store").as_uri(), None, {})
+    world = World(
+        home=tmp_path,
+        model_dir=tmp_path,
+        served_name="tiny",
+        database_url=db_url,
+        ide_token="",
+        ops_token="",
+        adapters={name: str(local)},
+        base_sha256="0" * 64,
+        store=store,
+        manifests={name: {"kind": "test"}},
+    )
+    timings = publish_and_register(world, name)
+    copy = tmp_path / "store" / name
+    assert timings["uri"] == copy.resolve().as_uri()
+    assert "KAIZEN_ADAPTER_STORE_ENDPOINT_URL" not in store.replica_env(tmp_path / "c")
+    fetched = AdapterCache(tmp_path / "c").fetch(name, timings["uri"], None, str(local))
+    assert fetched == copy.resolve() and not (tmp_path / "c").exists()  # no cache copy
+
+
 def _reqs(replica: int, switch_at: float, old: str, new: str, until: float) -> list[Req]:
     """A request every 0.5 s on one replica, served by ``old`` before ``switch_at``."""
     out, t = [], 0.0
