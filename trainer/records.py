@@ -109,7 +109,7 @@ def load_outcome_records(
     """
     query = (
         select(CompletionOutcome, CiRun, Completion, RecordedChoice)
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .join(Completion, Completion.id == CompletionOutcome.completion_id)
         .outerjoin(
             RecordedChoice,

@@ -82,7 +82,7 @@ def canary_counts(
             CompletionOutcome.final_text,
             RecordedChoice.text,
         )
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .join(Completion, Completion.id == CompletionOutcome.completion_id)
         .outerjoin(
             RecordedChoice,

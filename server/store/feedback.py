@@ -29,7 +29,7 @@ from server.store.models import (
     LedgerEntry,
     utcnow,
 )
-from server.store.repositories import normalised_or_none
+from server.store.repositories import normalise_repository, normalised_or_none
 from server.store.tokens import Principal, Role
 
 # Why an item was not stored (plugins/PROTOCOL.md, "Refusals").
@@ -257,24 +257,29 @@ def save_outcome(
     token_id: int | None,
     principal: Principal | None = None,
 ) -> OutcomeResult:
-    """Store a CI run once (by run id), as sent by ``token_id``, with its attribution to the
-    known completions that ``principal`` may report on (``None``: no checks)."""
+    """Store a CI run once (by repository and run id), as sent by ``token_id``, with its
+    attribution to the known completions that ``principal`` may report on (``None``: no checks)."""
     served = served_records(session=session, ids=(c["completion_id"] for c in completions))
     allowed, refused = _refusals(completions, served, principal)
     result = OutcomeResult(
         unknown_completion_ids=sorted({c["completion_id"] for c in completions} - served.keys()),
         refused=refused,
     )
-    inserted = session.execute(
+    try:
+        repository_key = normalise_repository(run["repository"])
+    except ValueError:
+        repository_key = run["repository"]
+    ci_run_id = session.execute(
         dialect_insert(session, CiRun.__table__)
-        .values(**run, raw=raw, token_id=token_id)
-        .on_conflict_do_nothing()
-    ).rowcount
-    if not inserted:
+        .values(**run, repository_key=repository_key, raw=raw, token_id=token_id)
+        .on_conflict_do_nothing()  # (repository, run id) seen: a retry of the same report
+        .returning(CiRun.__table__.c.id)
+    ).scalar()
+    if ci_run_id is None:
         session.rollback()
         result.duplicate = True
         return result
-    rows = [{**c, "run_id": run["run_id"]} for c in allowed]
+    rows = [{**c, "ci_run_id": ci_run_id, "run_id": run["run_id"]} for c in allowed]
     if rows:
         session.execute(
             dialect_insert(session, CompletionOutcome.__table__)
@@ -308,7 +313,7 @@ def completion_detail(*, session: Session, completion_id: str) -> CompletionDeta
     ).all()
     outcomes = session.execute(
         select(CompletionOutcome, CiRun)
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .where(CompletionOutcome.completion_id == completion_id)
         .order_by(CiRun.received_at)
     ).all()
@@ -356,13 +361,13 @@ def adapter_stats(*, session: Session, since: datetime, until: datetime) -> list
     )
     latest_run = (
         select(CompletionOutcome.completion_id, func.max(CiRun.received_at).label("received_at"))
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .group_by(CompletionOutcome.completion_id)
         .subquery()
     )
     latest = (
         select(CompletionOutcome.completion_id, CompletionOutcome.status)
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .join(
             latest_run,
             and_(

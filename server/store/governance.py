@@ -94,12 +94,12 @@ def prune_records(
         raise ValueError(f"retention_days must be positive: {retention_days}")
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
     old_completions = select(Completion.id).where(Completion.created_at < cutoff)
-    old_runs = select(CiRun.run_id).where(CiRun.received_at < cutoff)
+    old_runs = select(CiRun.id).where(CiRun.received_at < cutoff)
     outcomes = session.execute(
         delete(CompletionOutcome).where(
             or_(
                 CompletionOutcome.completion_id.in_(old_completions),
-                CompletionOutcome.run_id.in_(old_runs),
+                CompletionOutcome.ci_run_id.in_(old_runs),
             )
         )
     ).rowcount

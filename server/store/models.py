@@ -214,12 +214,22 @@ class LedgerEntry(Base):
 
 
 class CiRun(Base):
-    """One CI run's report, stored as sent (``raw``) and in columns."""
+    """One CI run's report, stored as sent (``raw``) and in columns.
+
+    A run is known by its repository and the CI's own run id: run ids are only unique within a
+    repository (CI numbers runs per project), so a report for another repository never collides
+    with, or pre-empts, this one."""
 
     __tablename__ = "ci_runs"
+    __table_args__ = (
+        UniqueConstraint("repository_key", "run_id", name="uq_ci_runs_repository_run"),
+    )
 
-    run_id: Mapped[str] = mapped_column(SafeString(256), primary_key=True)
-    repository: Mapped[str] = mapped_column(SafeString(512), index=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(SafeString(256))  # the CI's id, within the repository
+    repository: Mapped[str] = mapped_column(SafeString(512), index=True)  # as sent
+    # ``normalise_repository(repository)``: one key however the repository was spelt.
+    repository_key: Mapped[str] = mapped_column(SafeString(512))
     commit: Mapped[str] = mapped_column(SafeString(64))
     branch: Mapped[str | None] = mapped_column(SafeString(256))
     status: Mapped[str] = mapped_column(String(16))
@@ -236,10 +246,15 @@ class CompletionOutcome(Base):
     """A CI run's verdict on one completion, with the completion's text at CI time."""
 
     __tablename__ = "completion_outcomes"
-    __table_args__ = (UniqueConstraint("run_id", "completion_id", "choice_index"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "ci_run_id", "completion_id", "choice_index", name="uq_completion_outcomes_run_choice"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("ci_runs.run_id", ondelete="CASCADE"))
+    ci_run_id: Mapped[int] = mapped_column(ForeignKey("ci_runs.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(SafeString(256))  # the CI's id, as on the run
     completion_id: Mapped[str] = mapped_column(
         ForeignKey("completions.id", ondelete="CASCADE"), index=True
     )

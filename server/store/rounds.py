@@ -93,7 +93,7 @@ def count_verdicts(
     query = (
         select(func.count())
         .select_from(CompletionOutcome)
-        .join(CiRun, CiRun.run_id == CompletionOutcome.run_id)
+        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
         .where(CompletionOutcome.status.in_(VERDICTS))
     )
     if after is not None:

@@ -235,9 +235,11 @@ def test_outcomes_are_idempotent_and_keep_the_raw_report(client: TestClient, aut
     again = client.post("/v1/outcomes", headers=auth["ci"], json=report)
     assert again.json()["duplicate"] is True and again.json()["completions"] == 0
     with client.app.state.session_factory() as session:
+        from sqlalchemy import select
+
         from server.store.models import CiRun
 
-        run = session.get(CiRun, "github:1:1")
+        run = session.scalars(select(CiRun).where(CiRun.run_id == "github:1:1")).one()
         assert run is not None and run.raw["completions"][1]["completion_id"] == "cmpl-gone"
         assert run.tests[0]["name"] == "tests/test_calc.py::test_add"
 

@@ -143,6 +143,35 @@ def test_scoped_ci_cannot_report_a_run_of_another_repository(
     assert _outcomes(client) == {}
 
 
+def test_a_run_id_taken_in_one_repository_does_not_squat_it_in_another(
+    client: TestClient, alice, app_ci, session_factory, auth
+) -> None:
+    """Run ids are per repository (CI numbers runs per project): app's CI posting run 7 first
+    must not make secret's own run 7 a "duplicate" that is dropped."""
+    secret_ci = _token(session_factory, "secret-ci", Role.CI, [OTHER])
+    ours, theirs = _complete(client, alice, APP), _complete(client, alice, OTHER)
+    first = client.post("/v1/outcomes", headers=app_ci, json=_report("7", ours))
+    assert first.status_code == 200 and first.json()["duplicate"] is False
+    second = client.post(
+        "/v1/outcomes", headers=secret_ci, json=_report("7", theirs, repository=OTHER)
+    )
+    assert second.status_code == 200, second.text
+    assert second.json()["duplicate"] is False and second.json()["completions"] == 1
+    assert _outcomes(client) == {ours: 1, theirs: 1}
+    # A retry is still a duplicate, however the repository is spelt.
+    again = client.post(
+        "/v1/outcomes",
+        headers=app_ci,
+        json=_report("7", ours, repository="https://github.com/Acme/App.git"),
+    )
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+    assert _outcomes(client) == {ours: 1, theirs: 1}
+    history = client.get(f"/v1/completions/{theirs}", headers=auth["ops"])
+    assert history.status_code == 200, history.text
+    (outcome,) = history.json()["outcomes"]
+    assert outcome["run_id"] == "7" and outcome["repository"] == OTHER
+
+
 def test_scoped_ci_reads_only_its_repositories_ledgers(
     client: TestClient, alice, app_ci, auth
 ) -> None:

@@ -106,7 +106,8 @@ def test_prune_deletes_old_records_and_keeps_the_audit_trail(
         _outcome(session, "ci:new-run", "cmpl-old")  # about an old completion: goes with it
         # A run received long ago (a report about a recent completion, spooled for weeks).
         _outcome(session, "ci:ancient", "cmpl-new")
-        session.get(CiRun, "ci:ancient").received_at = NOW - timedelta(days=60)  # type: ignore[union-attr]
+        ancient = session.scalars(select(CiRun).where(CiRun.run_id == "ci:ancient")).one()
+        ancient.received_at = NOW - timedelta(days=60)
         session.commit()
         registry.register_adapter(session=session, name="kaizen-r1-x", path="/a", base_sha256="0",
                                   manifest={"record_ids": ["cmpl-old:0:ci:new-run"]},
