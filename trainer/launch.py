@@ -23,6 +23,7 @@ Importing this module loads nothing heavy: ``train_adapter`` (TRL) is imported w
 from __future__ import annotations
 
 import collections
+import ctypes
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 ARGS_FILE = "launch-args.json"
 RESULT_FILE = "launch-result.json"
 _TAIL_LINES = 60
+_PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(RuntimeError):
@@ -114,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m trainer.launch ARGS.json (see trainer.launch)", file=sys.stderr)
         return 2
+    _die_with_parent(signal.SIGKILL)  # torchrun starts each process in a session of its own
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,  # one copy of each log line
@@ -167,6 +170,7 @@ def _free_port() -> int:
 def _run(command: list[str]) -> list[str]:
     """Runs the launch, logging its output line by line; the last lines, or LaunchError."""
     tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+    prctl = _prctl()
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -176,6 +180,9 @@ def _run(command: list[str]) -> list[str]:
         bufsize=1,
         start_new_session=True,  # its own process group: stopped with all its workers below
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A killed trainer leaves no launch behind: the launcher gets SIGTERM, on which torchrun
+        # stops its processes (each of which also dies with the launcher, see main()).
+        preexec_fn=None if prctl is None else lambda: prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM)),
     )
     try:
         assert process.stdout is not None
@@ -192,6 +199,24 @@ def _run(command: list[str]) -> list[str]:
             f"accelerate launch exited with status {code}; last output:\n" + "\n".join(tail)
         )
     return list(tail)
+
+
+def _prctl() -> Any:
+    """libc's prctl, looked up before forking; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(sig: int) -> None:
+    """This process gets ``sig`` when its parent dies; exits now if it already has."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    parent = os.getppid()
+    prctl(_PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
 
 
 def _stop(process: subprocess.Popen[str]) -> None:

@@ -6,8 +6,13 @@ with the processes' output."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -255,3 +260,85 @@ def test_a_failed_launch_raises_with_the_processes_output(model_dir: Path, tmp_p
     assert "accelerate launch exited with status 1" in message
     assert "FileNotFoundError" in message and "no-such-adapter" in message
     assert not (tmp_path / "round" / launch.RESULT_FILE).exists()
+
+
+_TRAINER_SCRIPT = """
+import json, sys
+from pathlib import Path
+from trainer.launch import _decode_arguments, train_adapter_launched
+arguments = _decode_arguments(json.loads(Path(sys.argv[1]).read_text()))
+train_adapter_launched(num_processes=2, **arguments)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("killed", ["trainer", "launcher"])
+def test_a_killed_launch_leaves_no_process_and_resumes_from_its_last_checkpoint(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, killed: str
+) -> None:
+    """SIGKILL the trainer that launched (its launcher gets SIGTERM and stops the workers) or
+    the launcher itself (torchrun starts each worker in a session of its own; they die with
+    it): nothing trains on. The next launch resumes; its main process alone prepares the
+    checkpoints folder (removing what the kill left half written), the other uses what it
+    kept."""
+    out = tmp_path / "round"
+    config = _config(max_steps=40, save_steps=2, learning_rate=1e-4)
+    arguments = {
+        "base_model_dir": model_dir,
+        "pairs": PAIRS,
+        "config": config,
+        "parent_adapter": None,
+        "output_dir": out,
+        "progress": False,
+        "resume": True,
+        "extra_manifest": None,
+    }
+    args_file = tmp_path / "trainer-args.json"
+    args_file.write_text(json.dumps(launch._encode_arguments(arguments)))
+    trainer_process = subprocess.Popen(
+        [sys.executable, "-c", _TRAINER_SCRIPT, str(args_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert trainer_process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        (launcher,) = _children(trainer_process.pid)
+        workers = _children(launcher)
+        assert len(workers) == 2
+        os.kill(launcher if killed == "launcher" else trainer_process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in (launcher, *workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in (launcher, *workers))
+    finally:
+        trainer_process.kill()
+        trainer_process.wait()
+    assert not (out / "adapter").exists()
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept and all(int(name.split("-")[1]) < 40 for name in kept), kept
+
+    with caplog.at_level(logging.INFO, logger="trainer.launch"):
+        resumed = train_adapter_launched(num_processes=2, **arguments)
+    assert f"resume_from={out / 'checkpoints'}/checkpoint-" in caplog.text
+    assert resumed.stopped_reason is None and resumed.steps == 40
+    assert [e["step"] for e in resumed.log_history if "loss" in e] == list(range(1, 41))
+    assert resumed.adapter_dir == out / "adapter" and not (out / "checkpoints").exists()
+
+
+def _children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
