@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 ARGS_FILE = "launch-args.json"
 RESULT_FILE = "launch-result.json"
-_TAIL_LINES = 60
+_TAIL_LINES = 120
 _PR_SET_PDEATHSIG = 1
 
 
@@ -112,6 +112,14 @@ def train_adapter_launched(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torchrun's failure summary, the end of the output, then names the exception (its root
+    # cause) rather than only an exit code.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
         print("usage: python -m trainer.launch ARGS.json (see trainer.launch)", file=sys.stderr)

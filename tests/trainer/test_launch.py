@@ -258,7 +258,9 @@ def test_a_failed_launch_raises_with_the_processes_output(model_dir: Path, tmp_p
         )
     message = str(failed.value)
     assert "accelerate launch exited with status 1" in message
-    assert "FileNotFoundError" in message and "no-such-adapter" in message
+    # torchrun's summary, at the end, names the exception of the process that failed first.
+    root_cause = message[message.index("Root Cause") :]
+    assert "FileNotFoundError" in root_cause and "no-such-adapter" in root_cause
     assert not (tmp_path / "round" / launch.RESULT_FILE).exists()
 
 
