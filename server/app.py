@@ -28,6 +28,7 @@ from server.services.adapter_sync import AdapterSync
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
+from server.services.metrics import Metrics
 from server.services.recorder import DurableAckMiddleware, Recorder
 from server.services.rollout_ops import RolloutOps
 from server.store.db import check_migrated, make_engine, make_session_factory
@@ -85,10 +86,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         adapter_sync.prime()
         app.state.adapter_sync = adapter_sync
         app.state.rollout = RolloutOps(adapter_sync)
-        app.state.completion_service = CompletionService(
-            engine=model_engine, recorder=recorder, settings=settings, router=adapter_sync.router
+        app.state.metrics = metrics = Metrics(
+            model=model_engine.model_name,
+            router=adapter_sync.router,
+            session_factory=session_factory,
         )
-        app.state.feedback_service = FeedbackService(session_factory, recorder)
+        app.state.completion_service = CompletionService(
+            engine=model_engine,
+            recorder=recorder,
+            settings=settings,
+            router=adapter_sync.router,
+            metrics=metrics,
+        )
+        app.state.feedback_service = FeedbackService(session_factory, recorder, metrics)
         app.state.engine_task = asyncio.create_task(_start_engine(model_engine, adapter_sync))
         try:
             yield

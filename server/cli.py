@@ -45,7 +45,7 @@ from server.store.tokens import (
 )
 
 model_app = typer.Typer(help="The model Kaizen serves.", no_args_is_help=True)
-tokens_app = typer.Typer(help="API tokens (roles: ide, ci, ops).", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens (roles: ide, ci, ops, metrics).", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 adapters_app = typer.Typer(
     help="The adapter registry: list, promote, roll back, pin. Running servers follow "
@@ -123,7 +123,7 @@ def model_prepare() -> None:
 
 @tokens_app.command("create")
 def tokens_create(
-    role: str = typer.Option(..., help="ide, ci or ops."),
+    role: str = typer.Option(..., help="ide, ci, ops or metrics (a Prometheus scraper)."),
     name: str = typer.Option(
         ...,
         help="Who or what uses it. ide tokens with the same name are one owner: they share "
@@ -182,13 +182,13 @@ def tokens_list(all_: bool = typer.Option(False, "--all", help="Include revoked 
     with session_scope(get_settings().database_url) as session:
         rows = [(t, describe_scope(t)) for t in list_tokens(session=session, include_revoked=all_)]
     typer.echo(
-        f"{'id':>4}  {'role':<4}  {'prefix':<10}  {'created':<20}  {'revoked':<20}  "
+        f"{'id':>4}  {'role':<7}  {'prefix':<10}  {'created':<20}  {'revoked':<20}  "
         f"{'name':<16}  scope"
     )
     for t, scope in rows:
         revoked = t.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if t.revoked_at else "-"
         typer.echo(
-            f"{t.id:>4}  {t.role:<4}  {t.prefix:<10}  "
+            f"{t.id:>4}  {t.role:<7}  {t.prefix:<10}  "
             f"{t.created_at.strftime('%Y-%m-%d %H:%M:%S'):<20}  {revoked:<20}  "
             f"{t.name:<16}  {scope}"
         )

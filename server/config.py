@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         "GPU hosts only, 1 on the CPU).",
     )
     enforce_eager: bool = Field(False, description="Skip graph compilation (faster start).")
+    engine_metrics: bool = Field(
+        True,
+        description="Collect vLLM's own Prometheus metrics (vllm:*, shown by GET /metrics "
+        "beside Kaizen's); false turns vLLM's statistics off entirely.",
+    )
 
     # --- the API
     host: str = "127.0.0.1"

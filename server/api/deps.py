@@ -12,6 +12,7 @@ from server.errors import ApiError
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
 from server.services.feedback import FeedbackService
+from server.services.metrics import Metrics
 from server.services.rollout_ops import RolloutOps
 from server.store.tokens import Principal, Role
 
@@ -31,6 +32,10 @@ async def get_feedback(request: Request) -> FeedbackService:
 
 async def get_rollout(request: Request) -> RolloutOps:
     return request.app.state.rollout
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
 
 
 def _authenticator(request: Request) -> TokenAuthenticator:
@@ -105,7 +110,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 RolloutDep = Annotated[RolloutOps, Depends(get_rollout)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AnyRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.CI, Role.OPS))]
 IdeRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.OPS))]
 CiRole = Annotated[Principal, Depends(require_roles(Role.CI, Role.OPS))]
 OpsRole = Annotated[Principal, Depends(require_roles(Role.OPS))]
+MetricsRole = Annotated[Principal, Depends(require_roles(Role.METRICS, Role.OPS))]

@@ -9,6 +9,7 @@ from server.api.routes import (
     continue_sink,
     feedback,
     health,
+    metrics,
     models,
     ops,
     resample,
@@ -17,6 +18,7 @@ from server.api.routes import (
 
 api_router = APIRouter()
 api_router.include_router(health.router)
+api_router.include_router(metrics.router)  # Prometheus: a metrics or ops token
 api_router.include_router(completions.router)
 api_router.include_router(models.router)
 # Declared here, not on the routes: feedback answers 404 when no id in a batch is known.

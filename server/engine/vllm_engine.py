@@ -285,6 +285,16 @@ class VllmEngine:
             **scheduler_args(s.max_model_len),
         )
 
+    def _stat_loggers(self) -> list[Any] | None:
+        """vLLM's Prometheus logger alone (its metrics go to prometheus_client's global
+        registry, which GET /metrics shows), without the periodic throughput lines it would
+        also log with ``disable_log_stats=False``."""
+        if not self.settings.engine_metrics:
+            return None
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        return [PrometheusStatLogger]
+
     async def start(self) -> None:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -301,7 +311,9 @@ class VllmEngine:
         apply_cpu_binding(
             self.settings.cpu_cores, role="server", shared=self.settings.cpu_shared_with_trainer
         )
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, stat_loggers=self._stat_loggers()
+        )
         for name, path in self.settings.adapters.items():
             await self.add_adapter(name, path)
         self._ready = True

@@ -55,6 +55,7 @@ from server.protocol.completions import (
     SamplingRequest,
     Usage,
 )
+from server.services.metrics import Metrics, route_label
 from server.services.recorder import Recorder
 from server.services.repo_context import PromptDoesNotFitError, RepoPrompt, fit_prompt
 from server.services.routing import Router
@@ -101,9 +102,11 @@ class CompletionService:
         settings: Settings,
         fim: FimFormat | None = None,
         router: Router | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.router = router
+        self.metrics = metrics
         self.recorder = recorder
         self.settings = settings
         self.fim = fim or FimFormat()
@@ -539,6 +542,8 @@ class CompletionService:
         """Drive the engine for ``job``, keep its record current, and submit the record once."""
         record = job.record
         status, error = "failed", None
+        routing = self.router.routing if self.router is not None else None
+        route = route_label(routing, record.adapter)  # as it starts: a swap does not relabel it
         if self.router is not None:
             self.router.acquire(record.adapter)  # keeps the version loaded until we finish
         try:
@@ -572,6 +577,8 @@ class CompletionService:
             record.error = error
             record.latency_ms = (time.perf_counter() - job.started) * 1000
             self.recorder.submit(record)
+            if self.metrics is not None:
+                self.metrics.observe_completion(record, route)
             log.info(
                 "event=completion id=%s status=%s adapter=%s prompt_tokens=%d "
                 "completion_tokens=%d ttft_ms=%s latency_ms=%.1f",

@@ -27,6 +27,7 @@ from server.protocol.feedback import (
     Refusal,
     StatsResponse,
 )
+from server.services.metrics import Metrics
 from server.services.recorder import Recorder
 from server.store import feedback as store
 from server.store.repositories import normalise_repository
@@ -107,10 +108,14 @@ def _normalised(repository: str) -> str:
 
 class FeedbackService:
     def __init__(
-        self, session_factory: sessionmaker[Session], recorder: Recorder | None = None
+        self,
+        session_factory: sessionmaker[Session],
+        recorder: Recorder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._recorder = recorder
+        self._metrics = metrics
 
     async def _settle(self) -> None:
         """Write this replica's queued completion records first, so feedback that arrives
@@ -132,6 +137,8 @@ class FeedbackService:
 
         await self._settle()
         result = await asyncio.to_thread(work)
+        if self._metrics is not None:
+            self._metrics.count_events(result.stored_by)
         if not result.stored and not result.duplicates:
             if result.refused:
                 raise _all_refused(result.refused, result.unknown_completion_ids, "event")
@@ -161,6 +168,8 @@ class FeedbackService:
 
         await self._settle()
         result = await asyncio.to_thread(work)
+        if self._metrics is not None:
+            self._metrics.count_events(result.stored_by)
         if not result.stored and not result.duplicates:
             # A stale update is answered 200: the server has newer news, nothing to fix.
             refused = [r for r in result.refused if r.reason != store.STALE]
@@ -215,6 +224,8 @@ class FeedbackService:
 
         await self._settle()
         result = await asyncio.to_thread(work)
+        if self._metrics is not None:
+            self._metrics.count_outcomes(result.stored_by)
         return OutcomeResponse(
             run_id=report.run_id,
             duplicate=result.duplicate,

@@ -11,6 +11,7 @@ completions served in its repositories. Refused items are listed, never silently
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +47,7 @@ class Served:
     token_id: int | None
     owner: str | None  # the receiving token's name
     repository: str | None  # the IDE context's repository, as the client sent it
+    adapter: str | None = None  # the version that served it (None: the base model)
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,17 @@ def served_records(*, session: Session, ids: Iterable[str]) -> dict[str, Served]
     if not wanted:
         return {}
     rows = session.execute(
-        select(Completion.id, Completion.token_id, ApiToken.name, Completion.repository)
+        select(
+            Completion.id,
+            Completion.token_id,
+            ApiToken.name,
+            Completion.repository,
+            Completion.adapter,
+        )
         .outerjoin(ApiToken, ApiToken.id == Completion.token_id)
         .where(Completion.id.in_(wanted))
     )
-    return {cid: Served(token_id, owner, repo) for cid, token_id, owner, repo in rows}
+    return {cid: Served(token, owner, repo, adapter) for cid, token, owner, repo, adapter in rows}
 
 
 def known_completion_ids(*, session: Session, ids: Iterable[str]) -> set[str]:
@@ -109,6 +117,8 @@ class EventsResult:
     duplicates: int = 0
     unknown_completion_ids: list[str] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    # Stored events by (type, the adapter that served the completion; None: the base model).
+    stored_by: Counter[tuple[str, str | None]] = field(default_factory=Counter)
 
 
 def save_events(
@@ -137,6 +147,7 @@ def save_events(
             session.execute(dialect_insert(session, table).values(new).on_conflict_do_nothing())
         session.commit()
         result.stored = len(new)
+        result.stored_by.update((e["type"], served[e["completion_id"]].adapter) for e in new)
         result.duplicates = len(ours) - len(new)
     return result
 
@@ -246,6 +257,8 @@ class OutcomeResult:
     completions: int = 0
     unknown_completion_ids: list[str] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
+    # Stored verdicts by (status, the adapter that served the completion; None: the base).
+    stored_by: Counter[tuple[str, str | None]] = field(default_factory=Counter)
 
 
 def save_outcome(
@@ -288,6 +301,7 @@ def save_outcome(
         )
     session.commit()
     result.completions = len(rows)
+    result.stored_by.update((c["status"], served[c["completion_id"]].adapter) for c in rows)
     return result
 
 

@@ -31,6 +31,7 @@ class Role(StrEnum):
     IDE = "ide"
     CI = "ci"
     OPS = "ops"
+    METRICS = "metrics"  # a Prometheus scraper: GET /metrics and nothing else
 
 
 class TokenScopeError(ValueError):
@@ -152,6 +153,8 @@ def describe_scope(token: ApiToken) -> str:
         return ", ".join(sorted(r.repository for r in token.repositories)) or "no repository"
     if token.role == Role.IDE.value:
         return f"completions of {token.name!r}"
+    if token.role == Role.METRICS.value:
+        return "GET /metrics only"
     return "everything"
 
 

@@ -309,3 +309,29 @@ def test_an_adapter_trained_by_the_trainer_serves_requests(
     )
     assert out.usage is not None and out.usage.completion_tokens == 6
     tiny_server.server.call(_engine(tiny_server).remove_adapter("round-1"))
+
+
+def test_metrics_show_each_version_and_vllms_own_engine_metrics(tiny_server: LiveServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = _client(tiny_server)
+    for model in ("tiny", "lora-a", "lora-a"):
+        client.completions.create(model=model, prompt="def add(a, b):", max_tokens=4)
+    response = httpx.get(f"{tiny_server.url}/metrics", headers=tiny_server.headers["metrics"])
+    assert response.status_code == 200, response.text
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            found.setdefault(s.name, []).append((s.labels, s.value))
+
+    def total(name: str, **labels: str) -> float:
+        return sum(v for lab, v in found.get(name, []) if labels.items() <= lab.items())
+
+    completed = {"model": "tiny", "status": "completed"}
+    assert total("kaizen_completions_total", adapter="lora-a", route="named", **completed) >= 2
+    assert total("kaizen_completions_total", adapter="base", route="base", **completed) >= 1
+    assert total("kaizen_generated_tokens_total", adapter="lora-a") >= 2
+    # vLLM's metrics, as vLLM names them, from the same engine (labelled by model only).
+    assert total("vllm:prompt_tokens_total", model_name="tiny") > 0
+    assert total("vllm:generation_tokens_total", model_name="tiny") > 0
+    assert "vllm:num_requests_running" in found
