@@ -116,6 +116,7 @@ class Round:
     gate: GateStep | None
     dry_run: bool
     progress: bool
+    train_processes: int  # KAIZEN_TRAIN_NUM_PROCESSES (trainer.launch)
     parent_id: int | None
     parent_dir: Path | None
     records: list[OutcomeRecord]

@@ -71,6 +71,7 @@ def run_round(
     dry_run: bool = False,
     resume_round_id: int | None = None,
     progress: bool = True,
+    train_processes: int = 1,
 ) -> RoundReport:
     """Run (or, with ``resume_round_id``, finish) one round: the stages of
     :data:`trainer.stages.STAGES`, in order, each through :func:`trainer.pipeline.run_stage`;
@@ -78,8 +79,9 @@ def run_round(
 
     ``parent`` names the adapter to continue from (default: the active one; none: the base).
     ``generator_factory`` builds the engine that resamples (None: no resampling). ``gate`` is
-    the last stage (None: the candidate stays a candidate). A dry run builds pairs and selects
-    them, reports the funnel, and trains and stores nothing.
+    the last stage (None: the candidate stays a candidate). ``train_processes`` above 1 trains
+    under ``accelerate launch`` on that many processes (:mod:`trainer.launch`). A dry run
+    builds pairs and selects them, reports the funnel, and trains and stores nothing.
 
     Example::
 
@@ -105,6 +107,7 @@ def run_round(
         dry_run=dry_run,
         resume_round_id=resume_round_id,
         progress=progress,
+        train_processes=train_processes,
     )
     report = r.report
     try:
@@ -148,6 +151,7 @@ def _open_round(
     dry_run: bool,
     resume_round_id: int | None,
     progress: bool,
+    train_processes: int,
 ) -> Round:
     """Start the round's row (or take up the unfinished one) and load its records."""
     durations: dict[str, float] = {}
@@ -214,6 +218,7 @@ def _open_round(
         gate=gate,
         dry_run=dry_run,
         progress=progress,
+        train_processes=train_processes,
         parent_id=parent_row.id if parent_row is not None else None,
         parent_dir=Path(parent_row.path) if parent_row is not None else None,
         records=records,
@@ -285,6 +290,7 @@ def round_runner(
                 dry_run=dry_run,
                 resume_round_id=resume_round_id,
                 progress=progress,
+                train_processes=settings.train_num_processes,
             )
         finally:
             db.dispose()

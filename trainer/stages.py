@@ -270,7 +270,7 @@ def _take_selection(r: Round, chosen: dict[str, Any]) -> str | None:
 def _compute_training(r: Round) -> dict[str, Any]:
     """Train, and return the result as JSON (``trained.json``), so that a round killed after
     training never trains again over the adapter it may already have registered."""
-    from trainer.train import train_adapter
+    from trainer.launch import train_adapter_launched
 
     used = {r.info[p.id].context_key for p in r.selected}
     # The records behind the trained contexts, less those governance left out.
@@ -279,7 +279,8 @@ def _compute_training(r: Round) -> dict[str, Any]:
         for rec in r.records
         if rec.context_key in used and (rid := record_id(rec)) not in r.dropped_records
     )
-    result = train_adapter(
+    result = train_adapter_launched(
+        num_processes=r.train_processes,  # 1: in this process; more: accelerate launch (DDP)
         base_model_dir=r.base_model_dir,
         pairs=r.selected,
         config=r.config,
