@@ -19,6 +19,23 @@ reduced run; the task ids are recorded. Prints a table and writes JSON to
 ``benchmarks/results/loop-<timestamp>.json`` after every stage, so a cut-short run keeps what
 it measured.
 
+With ``--traffic repos`` the users work on real projects instead (``benchmarks/repos.py``):
+the train projects' covered functions are masked and asked for as the VS Code extension asks,
+accepted, and the project's own tests run under pytest-kaizen with CI-side exploration
+(``--explore``, ``--explore-k``) and, with ``--fix``, a developer fix after a failure. The
+held-out suites are then ``repo_functions`` (the first ``--held-out-functions`` covered
+functions of each train project, never asked for) and ``repo_projects`` (as many of each
+``--held-out-project``, never trained on), judged by the projects' own tests and paired
+against the base as above. Reduced, on a 2-core CPU::
+
+    .venv/bin/python benchmarks/loop.py --traffic repos --rounds 1 \
+        --project toolz==1.0.0 --project more-itertools==10.5.0 \
+        --held-out-project inflection==0.5.1 --per-project 6 --held-out-functions 6 \
+        --max-tokens 128 --explore 1 --explore-k 4 --fix --resample 0 --min-pairs 2 \
+        --max-steps 6 --batch-size 4 --learning-rate 5e-5 --warmup-steps 1
+
+The same command without the size options runs the full loop on a GPU host.
+
 The full run (GPU host)::
 
     .venv/bin/python benchmarks/loop.py --rounds 2
@@ -55,6 +72,16 @@ from benchmarks.common import (
     resolve_model,
     utc_stamp,
 )
+from benchmarks.repos import (
+    DEFAULT_PROJECTS,
+    Api,
+    Project,
+    Spec,
+    Target,
+    bench_targets,
+    open_project,
+)
+from benchmarks.repos import evaluate_targets as evaluate_repo_targets
 from benchmarks.simulate import DEFAULT_DATA, simulate
 from server.config import Settings
 from server.store.db import make_engine, make_session_factory, upgrade
@@ -68,7 +95,10 @@ from trainer.tasks import Task, load_mbpp
 
 log = logging.getLogger("benchmarks.loop")
 
-SUITES = ("mbpp_test", "humaneval")
+SUITES = ("mbpp_test", "humaneval", "repo_functions", "repo_projects")
+# --traffic repos: the train projects' traffic and held-out suites (pinned in benchmarks/repos.py)
+REPO_TRAIN = DEFAULT_PROJECTS[:4]
+REPO_HELD_OUT = DEFAULT_PROJECTS[4:]
 
 
 def _subset(tasks: list[Task], n: int, seed: int) -> list[Task]:
@@ -76,6 +106,14 @@ def _subset(tasks: list[Task], n: int, seed: int) -> list[Task]:
         return tasks
     picked = random.Random(seed).sample(range(len(tasks)), n)
     return [tasks[i] for i in sorted(picked)]
+
+
+def _item_id(item: Any) -> str:
+    """A suite item's id: an MBPP+/HumanEval task, or a (project, function) of --traffic repos."""
+    if isinstance(item, tuple):
+        project, target = item
+        return f"{project.spec.name}:{target.file_path}:{target.function}:{target.start}"
+    return str(item.task_id)
 
 
 def _free_port() -> int:
@@ -107,25 +145,61 @@ class Loop:
         with self.factory() as session:
             self.tokens = {
                 role: create_token(session=session, name=f"loop-{role.value}", role=role)[1]
-                for role in (Role.IDE, Role.CI)
+                for role in (Role.IDE, Role.CI, Role.OPS)
             }
         self.sandbox = Sandbox(workers=2)
         data = Path(args.data)
-        self.train_tasks = load_mbpp(data, "train")[: args.train_tasks or None]
-        self.suites = {
-            "mbpp_test": _subset(load_suite("mbpp_test", mbpp_path=data), args.eval_mbpp, 1),
-            "humaneval": _subset(load_suite("humaneval", mbpp_path=data), args.eval_humaneval, 2),
-        }
+        self.train_tasks: list[Task] = []
+        self.suites: dict[str, list[Any]] = {}
+        self.repo_traffic: list[tuple[Project, list[Target]]] = []
+        if args.traffic == "mbpp":
+            self.train_tasks = load_mbpp(data, "train")[: args.train_tasks or None]
+            self.suites = {
+                "mbpp_test": _subset(load_suite("mbpp_test", mbpp_path=data), args.eval_mbpp, 1),
+                "humaneval": _subset(
+                    load_suite("humaneval", mbpp_path=data), args.eval_humaneval, 2
+                ),
+            }
+        else:
+            self._open_repos()
         self.results: dict[str, Any] = {
             "command": " ".join(sys.argv),
             "home": str(self.home),
             "model_dir": str(self.model_dir),
             "train_tasks": [t.task_id for t in self.train_tasks],
-            "suites": {name: [t.task_id for t in tasks] for name, tasks in self.suites.items()},
+            "suites": {name: [_item_id(t) for t in items] for name, items in self.suites.items()},
+            "repo_traffic": {
+                p.spec.name: [_item_id((p, t)) for t in chosen] for p, chosen in self.repo_traffic
+            },
             "evaluations": {},
             "rounds": [],
         }
         self.out = Path(args.out) if args.out else RESULTS_DIR / f"loop-{utc_stamp()}.json"
+
+    def _open_repos(self) -> None:
+        """Each project in its own venv; per train project, the first ``--held-out-functions``
+        of its covered functions (seeded order) are held out and the next ``--per-project``
+        are the traffic; held-out projects give ``--held-out-functions`` each and no traffic."""
+        a = self.args
+        work = self.home / "repos"
+        opened: dict[str, Project] = {}
+        for text in [*a.project, *a.held_out_project]:
+            spec = Spec.parse(text)
+            opened[text] = open_project(
+                spec, work / f"{spec.name}-{spec.version}", mode=a.mode, seed=a.seed
+            )
+            log.info("event=project_ready project=%s functions=%d", spec.name,
+                     len(opened[text].targets))  # fmt: skip
+        held_fn, held_proj = [], []
+        for text in a.project:
+            project = opened[text]
+            held_fn += [(project, t) for t in project.targets[: a.held_out_functions]]
+            traffic = project.targets[a.held_out_functions : a.held_out_functions + a.per_project]
+            self.repo_traffic.append((project, traffic))
+        for text in a.held_out_project:
+            project = opened[text]
+            held_proj += [(project, t) for t in project.targets[: a.held_out_functions]]
+        self.suites = {"repo_functions": held_fn, "repo_projects": held_proj}
 
     # -- stages -------------------------------------------------------------------------------
 
@@ -141,14 +215,26 @@ class Loop:
         out = {}
         with self.generator() as generator:
             for name, tasks in self.suites.items():
-                out[name] = evaluate(
-                    generator,
-                    tasks,
-                    suite=name,
-                    sandbox=self.sandbox,
-                    adapter=adapter,
-                    max_tokens=self.args.max_tokens,
-                )
+                if not tasks:
+                    continue
+                if name.startswith("repo_"):
+                    out[name] = evaluate_repo_targets(
+                        generator,
+                        tasks,
+                        suite=name,
+                        adapter=adapter,
+                        mode=self.args.mode,
+                        max_tokens=self.args.max_tokens,
+                    )
+                else:
+                    out[name] = evaluate(
+                        generator,
+                        tasks,
+                        suite=name,
+                        sandbox=self.sandbox,
+                        adapter=adapter,
+                        max_tokens=self.args.max_tokens,
+                    )
                 log.info(
                     "event=eval label=%s suite=%s pass@1=%.3f", label, name, out[name].pass_at_1
                 )
@@ -178,6 +264,8 @@ class Loop:
         url = f"http://{LOOPBACK}:{port}"
         try:
             server.wait_ready(f"{url}/readyz", timeout=900)
+            if self.args.traffic == "repos":
+                return self._repo_traffic(k, url, adapter[0] if adapter else None)
             result = simulate(
                 url=url,
                 ide_token=self.tokens[Role.IDE],
@@ -198,6 +286,20 @@ class Loop:
         summary = {k: v for k, v in result.to_dict().items() if k != "rows"}
         log.info("event=traffic round=%d %s", k, summary)
         return summary
+
+    def _repo_traffic(self, k: int, url: str, model: str | None) -> dict[str, Any]:
+        """The train projects' traffic through the running server (benchmarks/repos.py: the
+        extension's requests, the project's tests under pytest-kaizen with exploration)."""
+        api = Api(url, self.tokens[Role.IDE], self.tokens[Role.CI], self.tokens[Role.OPS])
+        out: dict[str, Any] = {}
+        for project, chosen in self.repo_traffic:
+            result = bench_targets(project, chosen, api, self.args, model=model, tag=f"r{k}-")
+            out[project.spec.name] = {
+                key: value for key, value in result.to_dict().items() if key != "completion_ids"
+            }
+            log.info("event=repo_traffic round=%d project=%s %s", k, project.spec.name,
+                     out[project.spec.name])  # fmt: skip
+        return out
 
     def round(self, k: int, parent: str | None) -> RoundReport:
         a = self.args
@@ -330,6 +432,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--out", help="JSON results path.")
+    p.add_argument(
+        "--traffic",
+        choices=("mbpp", "repos"),
+        default="mbpp",
+        help="mbpp: simulated users on MBPP+ (CI in the sandbox); repos: real projects' own "
+        "test suites as CI (benchmarks/repos.py), held-out functions and projects as suites.",
+    )
+    r = p.add_argument_group("--traffic repos")
+    names = {key: ", ".join(x.split(":")[0] for x in v)
+             for key, v in (("train", REPO_TRAIN), ("held", REPO_HELD_OUT))}  # fmt: skip
+    r.add_argument("--project", action="append", metavar="NAME==VERSION[:SHA256]",
+                   help=f"Train project (repeatable; default {names['train']}).")  # fmt: skip
+    r.add_argument("--held-out-project", action="append", metavar="NAME==VERSION[:SHA256]",
+                   help=f"Never trained on (default {names['held']}).")  # fmt: skip
+    r.add_argument("--per-project", type=int, default=10, help="Traffic functions per project.")
+    r.add_argument("--held-out-functions", type=int, default=10, help="Per project, held out.")
+    r.add_argument("--mode", choices=("body", "line"), default="body")
+    r.add_argument("--explore", type=int, default=1, help="pytest --kaizen-explore N")
+    r.add_argument("--explore-k", type=int, default=4)
+    r.add_argument("--explore-budget", type=float, default=120.0)
+    r.add_argument("--fix", action="store_true", help="a developer fix after a failure")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="the served name")
+    r.add_argument("--prefix-chars", type=int, default=3000)
+    r.add_argument("--suffix-chars", type=int, default=1000)
     return p
 
 
@@ -344,6 +471,9 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     args = _parser().parse_args(argv)
+    if args.traffic == "repos":
+        args.project = args.project or list(REPO_TRAIN)
+        args.held_out_project = args.held_out_project or list(REPO_HELD_OUT)
     return Loop(args).run()
 
 

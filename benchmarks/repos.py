@@ -353,16 +353,129 @@ def run_tests(
     return output, took, float(match[2]), int(match[1])
 
 
-def bench_project(spec: Spec, api: Api, args: argparse.Namespace, work: Path) -> ProjectResult:
-    result = ProjectResult(spec.name, spec.version)
-    checkout, python = prepare(spec, work, args.pytest_requirement)
+@dataclass
+class Project:
+    """A project ready for traffic: its checkout, venv, the tests that failed before any change
+    (deselected from then on) and the functions its tests execute, in a seeded order."""
+
+    spec: Spec
+    checkout: Path
+    python: Path
+    failing: list[str]
+    targets: list[Target]
+
+    @property
+    def repository(self) -> str:
+        return f"pypi.org/project/{self.spec.name.lower()}"
+
+
+def open_project(
+    spec: Spec, work: Path, *, mode: str, seed: int, pytest_requirement: str = "pytest"
+) -> Project:
+    checkout, python = prepare(spec, work, pytest_requirement)
     covered, failing = baseline(checkout, python)
-    found = targets(checkout, covered, args.mode)
-    result.functions_covered = len(found)
-    rng = random.Random(f"{args.seed}:{spec.name}")
-    rng.shuffle(found)
-    repository = f"pypi.org/project/{spec.name.lower()}"
-    for i, target in enumerate(found[: args.per_project]):
+    found = targets(checkout, covered, mode)
+    random.Random(f"{seed}:{spec.name}").shuffle(found)
+    return Project(spec, checkout, python, failing, found)
+
+
+def masked(
+    project: Project, target: Target, prefix_chars: int, suffix_chars: int
+) -> tuple[str, str]:
+    """The extension's prompt for ``target``: the window around the masked region."""
+    original = (project.checkout / target.file_path).read_text(encoding="utf-8")
+    return window(
+        original[: target.start] + original[target.end :], target.start, prefix_chars, suffix_chars
+    )
+
+
+def tests_pass(project: Project, timeout: float = 900) -> bool:
+    """The project's own tests (less those failing before any change), plain pytest, stopping
+    at the first failure: whether the checkout as it is now passes."""
+    command = [str(project.python), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+               "-p", "no:kaizen"]  # fmt: skip
+    for node in project.failing:
+        command += ["--deselect", node]
+    try:
+        return _run(command, project.checkout, _pytest_env(), timeout=timeout).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def evaluate_targets(
+    generator: Any,
+    items: list[tuple[Project, Target]],
+    *,
+    suite: str,
+    adapter: Path | None,
+    mode: str,
+    max_tokens: int,
+    prefix_chars: int = PREFIX_CHARS,
+    suffix_chars: int = SUFFIX_CHARS,
+) -> Any:
+    """Greedy pass@1 of ``adapter`` (None: the base) on masked functions of real projects: one
+    completion each (the extension's window, offline through ``generator`` so that evaluation
+    leaves no records to train on), spliced in, the project's tests run, the file restored.
+    Returns a :class:`trainer.evaluate.EvalResult` (paired comparisons: ``compare``)."""
+    from trainer.evaluate import EvalResult
+    from trainer.generate import GenerationRequest
+
+    started = time.perf_counter()
+    requests = []
+    for project, target in items:
+        prefix, suffix = masked(project, target, prefix_chars, suffix_chars)
+        requests.append(GenerationRequest(prompt=prefix, suffix=suffix, single_line=mode == "line"))
+    texts = generator.generate(
+        requests, adapter=adapter, n=1, temperature=0.0, max_tokens=max_tokens, progress=True
+    )
+    passed, completions, ids = [], [], []
+    for (project, target), row in zip(items, texts, strict=True):
+        text = row[0] if row else ""
+        path = project.checkout / target.file_path
+        original = path.read_text(encoding="utf-8")
+        try:
+            path.write_text(original[: target.start] + text + original[target.end :], "utf-8")
+            passed.append(bool(text.strip()) and tests_pass(project))
+        finally:
+            path.write_text(original, encoding="utf-8")
+        completions.append(text)
+        ids.append(f"{project.spec.name}:{target.file_path}:{target.function}:{target.start}")
+    return EvalResult(
+        suite=suite,
+        adapter=str(adapter) if adapter else None,
+        task_ids=ids,
+        passed=passed,
+        completions=completions,
+        duration_s=round(time.perf_counter() - started, 1),
+    )
+
+
+def bench_project(spec: Spec, api: Api, args: argparse.Namespace, work: Path) -> ProjectResult:
+    project = open_project(
+        spec, work, mode=args.mode, seed=args.seed, pytest_requirement=args.pytest_requirement
+    )
+    return bench_targets(project, project.targets[: args.per_project], api, args)
+
+
+def bench_targets(
+    project: Project,
+    chosen: list[Target],
+    api: Api,
+    args: argparse.Namespace,
+    model: str | None = None,
+    tag: str = "",
+) -> ProjectResult:
+    """Traffic on ``chosen`` functions of ``project``, as the module docstring describes."""
+    spec, checkout, python, failing = (
+        project.spec,
+        project.checkout,
+        project.python,
+        project.failing,
+    )
+    result = ProjectResult(spec.name, spec.version)
+    result.functions_covered = len(project.targets)
+    repository = project.repository
+    for i, target in enumerate(chosen):
         path = checkout / target.file_path
         original = path.read_text(encoding="utf-8")
         suffix_full = original[target.end :]
@@ -374,7 +487,7 @@ def bench_project(spec: Spec, api: Api, args: argparse.Namespace, work: Path) ->
         )
         answer = api.complete(
             {
-                "model": args.model,
+                "model": model or args.model,
                 "prompt": prefix,
                 "suffix": masked_suffix,
                 "max_tokens": args.max_tokens,
@@ -402,7 +515,7 @@ def bench_project(spec: Spec, api: Api, args: argparse.Namespace, work: Path) ->
             api.accept(cid, entry)
             result.completions += 1
             result.completion_ids.append(cid)
-            run_id = f"repos:{spec.name}:{i}:{uuid.uuid4().hex[:8]}"
+            run_id = f"repos:{spec.name}:{tag}{i}:{uuid.uuid4().hex[:8]}"
             _out, took, explored, judged = run_tests(
                 api, checkout, python, run_id, failing, args, args.explore
             )
