@@ -22,15 +22,18 @@ from server.api.guard import RequestGuard
 from server.api.limits import TokenLimiter
 from server.api.main import api_router
 from server.api.openapi import install_openapi
+from server.api.routes.dashboard import DASHBOARD_PATHS
 from server.config import Settings, get_settings
 from server.engine.base import Engine
 from server.services.adapter_sync import AdapterSync
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
+from server.services.dashboard import DashboardService
 from server.services.feedback import FeedbackService
 from server.services.metrics import Metrics
 from server.services.recorder import DurableAckMiddleware, Recorder
 from server.services.rollout_ops import RolloutOps
+from server.services.sessions import DashboardSessions
 from server.store.db import check_migrated, make_engine, make_session_factory
 from server.store.journal import Journal
 
@@ -86,6 +89,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         adapter_sync.prime()
         app.state.adapter_sync = adapter_sync
         app.state.rollout = RolloutOps(adapter_sync)
+        app.state.dashboard = DashboardService(session_factory, settings)
+        app.state.dashboard_sessions = DashboardSessions(session_factory)
         app.state.metrics = metrics = Metrics(
             model=model_engine.model_name,
             router=adapter_sync.router,
@@ -136,5 +141,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         settings=settings,
         limiter=app.state.limiter,
         docs_paths=[path for path in docs if path],
+        session_paths=DASHBOARD_PATHS,
     )
     return app

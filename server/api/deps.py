@@ -11,9 +11,11 @@ from server.config import Settings
 from server.errors import ApiError
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
+from server.services.dashboard import DashboardService
 from server.services.feedback import FeedbackService
 from server.services.metrics import Metrics
 from server.services.rollout_ops import RolloutOps
+from server.services.sessions import DashboardSessions
 from server.store.tokens import Principal, Role
 
 
@@ -36,6 +38,10 @@ async def get_rollout(request: Request) -> RolloutOps:
 
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+async def get_dashboard(request: Request) -> DashboardService:
+    return request.app.state.dashboard
 
 
 def _authenticator(request: Request) -> TokenAuthenticator:
@@ -76,6 +82,25 @@ async def authenticate(authorization: str | None, authenticator: TokenAuthentica
     return principal
 
 
+async def authenticate_session(cookie: str, sessions: DashboardSessions) -> Principal:
+    """The principal behind a dashboard session cookie, or a 401 :class:`ApiError`."""
+    principal = await sessions.verify(cookie)
+    if principal is None:
+        raise ApiError(
+            401,
+            "The dashboard session is invalid or has expired: log in again at /dashboard/login.",
+            code="invalid_session",
+        )
+    return principal
+
+
+async def get_page_principal(request: Request) -> Principal | None:
+    """Who the guard authenticated for a dashboard page (bearer header or session cookie);
+    None when nobody did, and the page sends the browser to its login form."""
+    principal = getattr(request.state, PRINCIPAL_STATE_KEY, None)
+    return principal if isinstance(principal, Principal) else None
+
+
 async def get_principal(
     request: Request,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
@@ -110,6 +135,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[CompletionService, Depends(get_service)]
 FeedbackDep = Annotated[FeedbackService, Depends(get_feedback)]
 RolloutDep = Annotated[RolloutOps, Depends(get_rollout)]
+DashboardDep = Annotated[DashboardService, Depends(get_dashboard)]
+PagePrincipal = Annotated[Principal | None, Depends(get_page_principal)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AnyRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.CI, Role.OPS))]
 IdeRole = Annotated[Principal, Depends(require_roles(Role.IDE, Role.OPS))]

@@ -4,7 +4,11 @@ FastAPI parses a JSON body before it runs any dependency, so a route's auth depe
 late to stop an anonymous client from having its body parsed (and from learning, by a 400, what
 the server thinks of it). The guard therefore, in this order:
 
-1. authenticates ``/v1/*`` (and the API docs, unless ``KAIZEN_PUBLIC_DOCS``): 401;
+1. authenticates ``/v1/*`` (and the API docs, unless ``KAIZEN_PUBLIC_DOCS``): 401. On the
+   dashboard's paths (``session_paths``) a dashboard session cookie
+   (:mod:`server.services.sessions`) stands in for the bearer header in GET requests, since a
+   browser sends none when it navigates; dashboard pages outside ``/v1`` are authenticated
+   when they bring a header or a cookie, and send the browser to their login form otherwise;
 2. applies the token's request-rate and in-flight limits: 429 with ``Retry-After``;
 3. reads the body itself, refusing one over ``KAIZEN_MAX_BODY_BYTES`` by its ``Content-Length``
    before reading a byte, or as it streams in when chunked: 413;
@@ -26,10 +30,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.deps import PRINCIPAL_STATE_KEY, authenticate
+from server.api.deps import PRINCIPAL_STATE_KEY, authenticate, authenticate_session
 from server.api.limits import TokenLimiter, retry_after
 from server.config import Settings
 from server.errors import ApiError
+from server.services.sessions import COOKIE
 from server.store.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class RequestGuard:
-    """See the module docstring. ``docs_paths``: the spec and docs pages to authenticate too."""
+    """See the module docstring. ``docs_paths``: the spec and docs pages to authenticate too;
+    ``session_paths``: the dashboard's path prefixes, where a session cookie is accepted."""
 
     def __init__(
         self,
@@ -48,11 +54,13 @@ class RequestGuard:
         settings: Settings,
         limiter: TokenLimiter,
         docs_paths: Iterable[str] = (),
+        session_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.settings = settings
         self.limiter = limiter
         self.docs_paths = frozenset() if settings.public_docs else frozenset(docs_paths)
+        self.session_paths = tuple(session_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,6 +70,9 @@ class RequestGuard:
         try:
             if self._needs_token(scope["path"]):
                 principal = await self._authenticate(scope)
+            elif self._takes_session(scope["path"]) and self._credentials(scope):
+                principal = await self._authenticate_page(scope)
+            if principal is not None:
                 self._admit(principal)
         except Exception as exc:
             await self._answer(scope, receive, send, exc)
@@ -78,9 +89,33 @@ class RequestGuard:
     def _needs_token(self, path: str) -> bool:
         return path == "/v1" or path.startswith("/v1/") or path in self.docs_paths
 
+    def _takes_session(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.session_paths)
+
+    def _session_cookie(self, scope: Scope) -> str | None:
+        # Reads only: a cookie never authenticates a request that changes something (CSRF).
+        if scope["method"] not in ("GET", "HEAD") or not self._takes_session(scope["path"]):
+            return None
+        return _cookie(scope, COOKIE)
+
+    def _credentials(self, scope: Scope) -> bool:
+        return _header(scope, b"authorization") is not None or bool(self._session_cookie(scope))
+
     async def _authenticate(self, scope: Scope) -> Principal:
         header = _header(scope, b"authorization")
+        cookie = self._session_cookie(scope) if header is None else None
+        if cookie:
+            return await authenticate_session(cookie, scope["app"].state.dashboard_sessions)
         return await authenticate(header, scope["app"].state.authenticator)
+
+    async def _authenticate_page(self, scope: Scope) -> Principal | None:
+        """A dashboard page's principal; None (the page asks to log in) for a bad session."""
+        try:
+            return await self._authenticate(scope)
+        except ApiError as exc:
+            if exc.status != 401:
+                raise
+            return None
 
     def _admit(self, principal: Principal) -> None:
         """Spend a request from the token's rate and take an in-flight slot, or raise 429."""
@@ -157,6 +192,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:
             return value.decode("latin-1")
+    return None
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    header = _header(scope, b"cookie")
+    if header is None:
+        return None
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
     return None
 
 

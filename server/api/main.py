@@ -7,12 +7,14 @@ from server.api.routes import (
     adapters,
     completions,
     continue_sink,
+    dashboard,
     feedback,
     health,
     metrics,
     models,
     ops,
     resample,
+    rounds,
     tabby,
 )
 
@@ -30,6 +32,10 @@ api_router.include_router(ops.router)
 # CI-side exploration: alternatives of a served completion (plugins/PROTOCOL.md).
 api_router.include_router(resample.router)
 api_router.include_router(adapters.router)
+api_router.include_router(rounds.router)
+# The ops dashboard: its pages (a session cookie stands in for the token there) and its data.
+api_router.include_router(dashboard.pages)
+api_router.include_router(dashboard.router)
 # Editors that speak their own protocols (Tabby's agent; Continue's data destination).
 api_router.include_router(tabby.router)
 api_router.include_router(continue_sink.router)
