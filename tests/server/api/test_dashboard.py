@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.services.sessions import COOKIE
+from server.store.rounds import start_round, update_round
 from server.store.tokens import revoke_token
 from tests.utils.dashboard_rows import completion, event, outcome, registry_history
 
@@ -44,7 +45,7 @@ def test_login_sets_a_strict_httponly_session_that_holds_no_token(
     assert client.post("/v1/dashboard").status_code == 401
 
 
-@pytest.mark.parametrize("role", ["ide", "ci"])
+@pytest.mark.parametrize("role", ["ide", "ci", "metrics"])
 def test_other_roles_are_refused_with_a_page(
     client: TestClient, tokens: dict[str, str], auth: dict[str, dict[str, str]], role: str
 ) -> None:
@@ -166,6 +167,33 @@ def test_rounds_and_dashboard_data(
     assert 'data-step="records" data-count="80"' in page.text
     assert 'data-adapter="kaizen-r1" data-parent="kaizen-r0"' in page.text
     assert client.get("/v1/rounds", params={"limit": 0}, headers=auth["ops"]).status_code == 400
+
+
+def test_a_round_that_stopped_early_shows_what_it_reached(
+    client: TestClient, auth: dict[str, dict[str, str]], session_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    with session_factory() as s:
+        row = start_round(
+            session=s,
+            trigger="schedule",
+            records_until=datetime.now(UTC),
+            parent_adapter_id=None,
+            work_dir=str(tmp_path),
+            config={},
+        )
+        update_round(
+            session=s,
+            round_id=row.id,
+            status="skipped",
+            funnel={"outcome_records": 3, "records_with_verdict": 0},
+            error="no pairs",
+        )
+    [r] = client.get("/v1/rounds", headers=auth["ops"]).json()["data"]
+    assert [s["count"] for s in r["funnel_steps"]] == [3, 0, None, None, None]
+    assert r["gate"] is None and r["adapter"] is None and r["error"] == "no pairs"
+    page = client.get("/dashboard", headers=auth["ops"])
+    assert page.status_code == 200
+    assert 'data-step="pairs" data-count=""' in page.text and "No canary is running" in page.text
 
 
 def test_vendored_files_match_their_recorded_checksums() -> None:
