@@ -417,6 +417,7 @@ def evaluate_targets(
     completion each (the extension's window, offline through ``generator`` so that evaluation
     leaves no records to train on), spliced in, the project's tests run, the file restored.
     Returns a :class:`trainer.evaluate.EvalResult` (paired comparisons: ``compare``)."""
+    from server.engine.fim import block_stops
     from trainer.evaluate import EvalResult
     from trainer.generate import GenerationRequest
 
@@ -424,7 +425,10 @@ def evaluate_targets(
     requests = []
     for project, target in items:
         prefix, suffix = masked(project, target, prefix_chars, suffix_chars)
-        requests.append(GenerationRequest(prompt=prefix, suffix=suffix, single_line=mode == "line"))
+        stop = tuple(block_stops(prefix, "python"))  # as the server adds to the extension's
+        requests.append(
+            GenerationRequest(prompt=prefix, suffix=suffix, single_line=mode == "line", stop=stop)
+        )
     texts = generator.generate(
         requests, adapter=adapter, n=1, temperature=0.0, max_tokens=max_tokens, progress=True
     )

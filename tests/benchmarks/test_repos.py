@@ -20,9 +20,11 @@ class Scripted:
     def __init__(self, answers: dict[str, str]) -> None:
         self.answers = answers
         self.seen: list[Any] = []
+        self.requests: list[Any] = []
 
     def generate(self, requests: list[Any], **kwargs: Any) -> list[list[str]]:
         self.seen.append(kwargs)
+        self.requests = list(requests)
         out = []
         for r in requests:
             name = r.prompt.rsplit("def ", 1)[1].split("(", 1)[0]
@@ -57,6 +59,8 @@ def test_a_masked_function_is_judged_by_the_projects_own_tests(tmp_path: Path) -
     assert result.passed == [True, False, False]  # add right, clamp empty, scale wrong
     assert result.pass_at_1 == 1 / 3
     assert [i.split(":")[2] for i in result.task_ids] == ["add", "clamp", "scale"]
+    # The server's block stops for Python, as the extension's requests get them.
+    assert all("\ndef " in r.stop for r in generator.requests)
     assert generator.seen == [
         {"adapter": None, "n": 1, "temperature": 0.0, "max_tokens": 64, "progress": True}
     ]
