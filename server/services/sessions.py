@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from server.services.auth import LOOKUP_TIMEOUT_S
+from server.store.journal import DatabaseUnavailableError
 from server.store.sessions import session_token
 from server.store.tokens import Principal, hash_secret
 
@@ -60,7 +62,14 @@ class DashboardSessions:
             return None
         if int(expires) <= self._clock():
             return None
-        found = await asyncio.to_thread(self._lookup, int(token_id))
+        try:  # a database that hangs must not hang the page (a refusal is a 503 with Retry-After)
+            found = await asyncio.wait_for(
+                asyncio.to_thread(self._lookup, int(token_id)), LOOKUP_TIMEOUT_S
+            )
+        except TimeoutError as exc:
+            raise DatabaseUnavailableError(
+                "The token database did not answer; retry in a few seconds."
+            ) from exc
         if found is None:
             return None
         principal, token_hash = found

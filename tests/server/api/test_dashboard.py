@@ -94,6 +94,22 @@ def test_a_session_expires(client: TestClient, tokens: dict[str, str]) -> None:
     assert client.get("/v1/dashboard").status_code == 401
 
 
+def test_a_database_outage_is_a_503_not_a_new_login(
+    client: TestClient, tokens: dict[str, str]
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    _login(client, tokens["ops"])
+    sessions = client.app.state.dashboard_sessions  # type: ignore[attr-defined]
+
+    def down():  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT 1", None, ConnectionRefusedError("database down"))
+
+    sessions._session_factory = down
+    response = client.get("/v1/dashboard")
+    assert response.status_code == 503 and "Retry-After" in response.headers
+
+
 def test_login_from_another_site_is_refused(client: TestClient, tokens: dict[str, str]) -> None:
     response = client.post(
         "/dashboard/login",
