@@ -50,8 +50,12 @@ function eventsPlugin(events) {
             ctx.stroke();
             ctx.fillStyle = ctx.strokeStyle;
             // Staggered, so events close in time keep readable labels.
-            const y = top + (12 + 12 * (i % 4)) * devicePixelRatio;
-            ctx.fillText(`${e.kind.replace("_", " ")} ${e.adapter}`, x + 4, y);
+            // Right of its line, or left of it near the right edge.
+            const y = top + (4 + 12 * (i % 4)) * devicePixelRatio;
+            const right = x > u.bbox.left + u.bbox.width * 0.7;
+            ctx.textAlign = right ? "right" : "left";
+            ctx.textBaseline = "top";
+            ctx.fillText(`${e.kind.replace("_", " ")} ${e.adapter}`, right ? x - 4 : x + 4, y);
           });
           ctx.restore();
         },
