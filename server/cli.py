@@ -19,7 +19,7 @@ import typer
 from sqlalchemy.orm import Session
 
 from server.config import get_settings
-from server.console import fail, setup_logging
+from server.console import fail, setup_logging, warn_unknown_settings
 from server.engine.lora import AdapterRejectedError, base_fingerprint, check_adapter
 from server.store import registry
 from server.store.db import DatabaseNotMigratedError, check_migrated, make_engine, session_scope
@@ -84,6 +84,7 @@ def serve(
 
     settings = get_settings()
     setup_logging(settings.log_level)
+    warn_unknown_settings()
     db = make_engine(settings.database_url)
     try:
         check_migrated(db)

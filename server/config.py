@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -328,3 +330,44 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+# KAIZEN_* variables that are not server settings: the CI and editor clients' own
+# (plugins/PROTOCOL.md), what the engine passes its children, the benchmarks' tokens and the
+# tests' database and model cache.
+CLIENT_VARIABLES = frozenset(
+    {
+        "KAIZEN_URL",
+        "KAIZEN_TOKEN",
+        "KAIZEN_RUN_ID",
+        "KAIZEN_SPOOL_DIR",
+        "KAIZEN_MAX_N",
+        "KAIZEN_EXPLORE",
+        "KAIZEN_EXPLORE_K",
+        "KAIZEN_EXPLORE_BUDGET",
+        "KAIZEN_EXPLORE_RESULTS",
+        "KAIZEN_PYTEST_ACTIVE",
+        "KAIZEN_IDE_TOKEN",
+        "KAIZEN_CI_TOKEN",
+        "KAIZEN_OPS_TOKEN",
+        "KAIZEN_INHERITED_CPU_BIND",
+        "KAIZEN_TEST_POSTGRES_URL",
+        "KAIZEN_TEST_MODEL_CACHE",
+    }
+)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``KAIZEN_*`` variable that is no setting (a typo, or one a newer or
+    older version had), with the closest real name: such a variable is silently ignored
+    otherwise, and the server runs on the default it was meant to change."""
+    prefix = "KAIZEN_"
+    known = {prefix + name.upper() for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(prefix) or name in known or name in CLIENT_VARIABLES:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} is not a Kaizen setting and is ignored{hint}")
+    return warnings

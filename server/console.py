@@ -4,11 +4,14 @@ error line and exit status 1, and printing a nested dict (a round's funnel) as i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import typer
+
+from server.config import unknown_settings
 
 
 def setup_logging(level: str) -> None:
@@ -17,6 +20,13 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
+
+
+def warn_unknown_settings() -> None:
+    """Log each ``KAIZEN_*`` variable of the environment that is no setting (see
+    :func:`server.config.unknown_settings`)."""
+    for warning in unknown_settings(os.environ):
+        logging.getLogger("kaizen.config").warning("event=unknown_setting %s", warning)
 
 
 def fail(message: str) -> NoReturn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from server.config import get_settings
-from server.console import echo_tree, fail, setup_logging
+from server.console import echo_tree, fail, setup_logging, warn_unknown_settings
 from server.store.db import make_engine, make_session_factory, session_scope
 from server.store.rounds import list_rounds
 from trainer.config import TrainConfig
@@ -60,6 +60,7 @@ def train(
     if gate is not None:
         settings = settings.model_copy(update={"train_auto_gate": gate})
     setup_logging(settings.log_level)
+    warn_unknown_settings()
     assert settings.rounds_dir is not None
     config = TrainConfig(
         max_steps=max_steps if max_steps is not None else settings.train_max_steps,
