@@ -183,3 +183,53 @@ def test_dashboard_in_chromium(
         assert direct.status == 403
         ide.close()
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+# -- the browser set-up itself (tests/utils/browser.py), without touching the system ---------
+
+
+def test_setup_installs_chromium_with_apt_get_when_missing(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from tests.utils import browser as setup
+
+    target = tmp_path / "chromium"
+    calls: list[tuple[str, ...]] = []
+
+    def apt(*args: str) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        if args[0] == "install" and ("update",) in calls:
+            target.write_text("#!/bin/sh\n")  # installed, once the package lists exist
+            return subprocess.CompletedProcess(args, 0, "", "")
+        return subprocess.CompletedProcess(args, 100 if args[0] == "install" else 0, "", "E: x")
+
+    monkeypatch.setattr(setup, "CHROMIUM", target)
+    monkeypatch.setattr(setup, "_apt", apt)
+    monkeypatch.setattr(setup.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(setup.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert setup.ensure_chromium() == target
+    assert calls == [
+        ("install", "-y", "--no-install-recommends", "chromium"),
+        ("update",),
+        ("install", "-y", "--no-install-recommends", "chromium"),
+    ]
+
+
+def test_setup_skips_saying_why(monkeypatch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from tests.utils import browser as setup
+
+    monkeypatch.setattr(setup, "CHROMIUM", tmp_path / "chromium")
+    monkeypatch.setattr(setup.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        setup.ensure_chromium()
+    monkeypatch.setattr(setup.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(setup.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(
+        setup,
+        "_apt",
+        lambda *a: subprocess.CompletedProcess(a, 100, "", "E: Unable to locate package chromium"),
+    )
+    with pytest.raises(pytest.skip.Exception, match="Unable to locate package chromium"):
+        setup.ensure_chromium()
