@@ -4,8 +4,8 @@ FastAPI parses a JSON body before it runs any dependency, so a route's auth depe
 late to stop an anonymous client from having its body parsed (and from learning, by a 400, what
 the server thinks of it). The guard therefore, in this order:
 
-1. authenticates ``/v1/*`` (and the API docs, unless ``KAIZEN_PUBLIC_DOCS``): 401. On the
-   dashboard's paths (``session_paths``) a dashboard session cookie
+1. authenticates ``/v1/*`` and ``/metrics`` (and the API docs, unless ``KAIZEN_PUBLIC_DOCS``):
+   401. On the dashboard's paths (``session_paths``) a dashboard session cookie
    (:mod:`server.services.sessions`) stands in for the bearer header in GET requests, since a
    browser sends none when it navigates; dashboard pages outside ``/v1`` are authenticated
    when they bring a header or a cookie, and send the browser to their login form otherwise;
@@ -38,6 +38,8 @@ from server.services.sessions import COOKIE
 from server.store.tokens import Principal
 
 log = logging.getLogger(__name__)
+
+METRICS_PATH = "/metrics"  # Prometheus' conventional path, outside /v1, guarded like it
 
 # A JSON escape of a UTF-16 surrogate half; only bodies that contain one are parsed here.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -87,7 +89,8 @@ class RequestGuard:
             self.limiter.leave(principal.token_id)
 
     def _needs_token(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or path in self.docs_paths
+        v1 = path == "/v1" or path.startswith("/v1/")
+        return v1 or path == METRICS_PATH or path in self.docs_paths
 
     def _takes_session(self, path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in self.session_paths)

@@ -168,8 +168,6 @@ class FeedbackService:
 
         await self._settle()
         result = await asyncio.to_thread(work)
-        if self._metrics is not None:
-            self._metrics.count_events(result.stored_by)
         if not result.stored and not result.duplicates:
             # A stale update is answered 200: the server has newer news, nothing to fix.
             refused = [r for r in result.refused if r.reason != store.STALE]

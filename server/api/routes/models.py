@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.deps import AnyRole, ServiceDep
+from server.api.deps import ClientRole, ServiceDep
 from server.protocol.completions import ModelList
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.get("/models", response_model=ModelList)
-async def list_models(service: ServiceDep, _: AnyRole) -> ModelList:
+async def list_models(service: ServiceDep, _: ClientRole) -> ModelList:
     return service.list_models()

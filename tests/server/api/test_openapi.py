@@ -77,7 +77,7 @@ def test_spec_has_the_bearer_scheme_on_every_guarded_operation(client: TestClien
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
-            guarded = path.startswith("/v1/")
+            guarded = path.startswith("/v1/") or path == "/metrics"
             assert bool(operation.get("security")) == guarded, (method, path)
             assert ("401" in operation["responses"]) == guarded, (method, path)
             if guarded:
@@ -96,9 +96,11 @@ def test_spec_lists_each_operations_own_errors(client: TestClient, auth) -> None
     assert "409" in codes("post", "/v1/rollout/rollback")
     assert "404" in codes("get", "/v1/completions/{completion_id}")
     assert "404" in codes("post", "/v1/events")
-    # Any role may list models: no 403 promised there; a role-restricted route has one.
-    assert "403" not in codes("get", "/v1/models")
+    # A role-restricted route promises a 403; a route any role may use would not. Every role
+    # but a scraper's (metrics) may list models, so a 403 is promised there too.
+    assert "403" in codes("get", "/v1/models")
     assert "403" in codes("get", "/v1/adapters")
+    assert "403" in codes("get", "/metrics")
     streamed = paths["/v1/completions"]["post"]["responses"]["200"]["content"]
     assert set(streamed) == {"application/json", "text/event-stream"}
 
