@@ -89,9 +89,18 @@ class CodeServer:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
+    user_data: Path
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+    def diagnostics(self) -> str:
+        """code-server's log and the extension's own output channel (**Kaizen**), for a
+        failure's message."""
+        parts = [f"code-server log (tail):\n{self.log_tail()}"]
+        for channel in sorted(self.user_data.glob("logs/*/exthost*/output_logging_*/*Kaizen.log")):
+            parts.append(f"{channel.name}:\n{channel.read_text(errors='replace')[-4000:]}")
+        return "\n\n".join(parts)
 
 
 def _git_checkout(path: Path) -> Path:
@@ -198,7 +207,7 @@ def code_server(
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    running = CodeServer(url=url, proc=proc, log=log)
+    running = CodeServer(url=url, proc=proc, log=log, user_data=root / "user-data")
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -311,11 +320,7 @@ def test_extension_in_code_server_completes_accepts_and_reports(
             ghost = page.locator(
                 ".monaco-editor .ghost-text-decoration, .monaco-editor .ghost-text"
             )
-            try:
-                ghost.first.wait_for(state="visible", timeout=120_000)
-            except Exception:
-                page.screenshot(path=str(shots / "no-ghost-text.png"))
-                raise
+            ghost.first.wait_for(state="visible", timeout=120_000)
             shown_text = ghost.first.inner_text()
             page.screenshot(path=str(shots / "ghost-text.png"))
             page.keyboard.press("Tab")
@@ -328,7 +333,7 @@ def test_extension_in_code_server_completes_accepts_and_reports(
 
             # The extension batches events (every 5 s): wait for them.
             accepted = _until(lambda: _accepted_ids(tiny_server), timeout=60)
-            assert accepted, "no accepted event reached Kaizen\n" + code_server.log_tail()
+            assert accepted, "no accepted event reached Kaizen"
             [cid] = accepted
 
             def detail_complete() -> Any:
@@ -338,6 +343,10 @@ def test_extension_in_code_server_completes_accepts_and_reports(
 
             detail = _until(detail_complete, timeout=60)
             assert detail, _ops(tiny_server, f"/v1/completions/{cid}")
+        except Exception as error:
+            raise AssertionError(
+                f"{error}\n\nscreenshots in {shots}\n\n{code_server.diagnostics()}"
+            ) from error
         finally:
             page.screenshot(path=str(shots / "last.png"))
             browser.close()
