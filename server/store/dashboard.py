@@ -17,15 +17,11 @@ from datetime import UTC, date, datetime
 from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
-from server.store.canary import ACCEPTED, SHOWN
+from server.store.canary import completion_signals
 from server.store.models import (
     Adapter,
     AdapterTransition,
-    CiRun,
     Completion,
-    CompletionEvent,
-    CompletionOutcome,
-    RecordedChoice,
 )
 
 
@@ -69,48 +65,13 @@ def daily_rates(*, session: Session, since: datetime, until: datetime) -> list[D
     if not rows:
         return []
 
-    shown: set[str] = set()
-    accepted: set[str] = set()
-    for completion_id, kind in session.execute(
-        select(CompletionEvent.completion_id, CompletionEvent.type)
-        .join(Completion, Completion.id == CompletionEvent.completion_id)
-        .where(window, CompletionEvent.type.in_(SHOWN))
-    ):
-        shown.add(completion_id)
-        if kind in ACCEPTED:
-            accepted.add(completion_id)
-    for completion_id in shown:
+    signals = completion_signals(session=session, window=window)
+    for completion_id in signals.shown:
         rows[key_of[completion_id]].shown += 1
-    for completion_id in accepted:
+    for completion_id in signals.accepted:
         rows[key_of[completion_id]].accepted += 1
-
-    outcomes = session.execute(
-        select(
-            CompletionOutcome.completion_id,
-            CompletionOutcome.status,
-            CompletionOutcome.final_text,
-            RecordedChoice.text,
-        )
-        .join(CiRun, CiRun.id == CompletionOutcome.ci_run_id)
-        .join(Completion, Completion.id == CompletionOutcome.completion_id)
-        .outerjoin(
-            RecordedChoice,
-            and_(
-                RecordedChoice.completion_id == CompletionOutcome.completion_id,
-                RecordedChoice.index == CompletionOutcome.choice_index,
-            ),
-        )
-        .where(window)
-        .order_by(CiRun.received_at, CompletionOutcome.id)
-    ).all()
-    latest = {row.completion_id: row for row in outcomes}  # ordered: the last run wins
-    for completion_id, status, final_text, served in latest.values():
-        row = rows[key_of[completion_id]]
-        if status == "passed" and served is not None and final_text.strip() != served.strip():
-            row.developer_fixes += 1
-            continue
-        row.judged += 1
-        row.passed += status == "passed"
+    for completion_id, verdict in signals.verdicts.items():
+        signals.add_verdict(rows[key_of[completion_id]], verdict)
     return sorted(rows.values(), key=lambda r: (r.adapter is not None, r.adapter or "", r.day))
 
 
