@@ -9,38 +9,54 @@ the registry and the others find the canary gone (``canary_decided_elsewhere``).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from server.config import Settings
-from server.services.canary import CanaryConfig, MetricCounts, decide
+from server.services.canary import CanaryConfig, CanaryDecision, MetricCounts, decide
 from server.store import registry
-from server.store.canary import canary_counts
+from server.store.canary import CanaryCounts, canary_counts
+from server.store.models import Adapter
 from server.store.rollout import RolloutError, get_rollout_state, promote, rollback
 
 log = logging.getLogger(__name__)
 
 
-def judge_canary(*, session: Session, settings: Settings) -> list[str]:
-    """Promote or roll back the canary; returns what changed (nothing while paused, pinned or
-    undecided). The decision and its evidence go to the audit trail (the transition's reason)
-    and onto the canary (``evaluation["canary"]``), in the same transaction as the move."""
-    config = CanaryConfig.from_settings(settings)
+@dataclass(frozen=True)
+class CanaryComparison:
+    """The canary against the active version since the canary started, and what the rule says
+    of it now."""
+
+    canary: Adapter
+    active_name: str | None  # None: the base model
+    since: datetime
+    until: datetime
+    new: CanaryCounts  # the canary's side
+    old: CanaryCounts  # the active side
+    result: CanaryDecision
+    config: CanaryConfig
+
+    @property
+    def hours(self) -> float:
+        return (self.until - self.since).total_seconds() / 3600
+
+
+def compare_canary(
+    *, session: Session, settings: Settings, now: datetime | None = None
+) -> CanaryComparison | None:
+    """The live comparison (None without a canary): counts on both sides over completions
+    served while the canary ran, and the sequential rule's decision on them. What the judge
+    acts on and what the ops dashboard shows."""
     state = get_rollout_state(session=session)
     canary = registry.canary_adapter(session=session)
+    if canary is None or state.canary_started_at is None:
+        return None
     active = registry.active_adapter(session=session)
-    if (
-        not state.auto_rollout
-        or state.pinned_adapter_id is not None
-        or canary is None
-        or state.canary_started_at is None
-    ):
-        return []
-    now = datetime.now(UTC)
     active_name = active.name if active else None
-    # Only completions served while the canary ran, on both sides.
+    now = now or datetime.now(UTC)
+    config = CanaryConfig.from_settings(settings)
     counts = canary_counts(
         session=session,
         adapters=[canary.name, active_name],
@@ -56,6 +72,23 @@ def judge_canary(*, session: Session, settings: Settings) -> list[str]:
         config,
         hours=(now - state.canary_started_at).total_seconds() / 3600,
     )
+    return CanaryComparison(
+        canary, active_name, state.canary_started_at, now, new, old, result, config
+    )
+
+
+def judge_canary(*, session: Session, settings: Settings) -> list[str]:
+    """Promote or roll back the canary; returns what changed (nothing while paused, pinned or
+    undecided). The decision and its evidence go to the audit trail (the transition's reason)
+    and onto the canary (``evaluation["canary"]``), in the same transaction as the move."""
+    state = get_rollout_state(session=session)
+    if not state.auto_rollout or state.pinned_adapter_id is not None:
+        return []
+    comparison = compare_canary(session=session, settings=settings)
+    if comparison is None:
+        return []
+    canary, active_name, result = comparison.canary, comparison.active_name, comparison.result
+    new, old, config, now = comparison.new, comparison.old, comparison.config, comparison.until
     if result.action == "wait":
         return []
     canary.evaluation = {
@@ -64,7 +97,7 @@ def judge_canary(*, session: Session, settings: Settings) -> list[str]:
             "decision": result.action,
             "reason": result.reason,
             "against": active_name,
-            "since": state.canary_started_at.isoformat(),
+            "since": comparison.since.isoformat(),
             "until": now.isoformat(),
             "counts": {"canary": asdict(new), "active": asdict(old)},
             "evidence": result.evidence,

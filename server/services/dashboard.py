@@ -27,9 +27,9 @@ from server.protocol.dashboard import (
     RoundOut,
     SuiteBound,
 )
-from server.services.canary import CanaryConfig, MetricCounts, decide
+from server.services.canary_judge import compare_canary
 from server.store import registry
-from server.store.canary import CanaryCounts, canary_counts
+from server.store.canary import CanaryCounts
 from server.store.dashboard import daily_rates, rollout_events
 from server.store.models import Adapter, TrainingRound
 from server.store.rollout import get_rollout_state
@@ -88,39 +88,21 @@ class DashboardService:
         return [_round(session, row) for row in list_rounds(session=session, limit=limit)]
 
     def _canary(self, session: Session, now: datetime) -> CanaryOut | None:
-        state = get_rollout_state(session=session)
-        canary = registry.canary_adapter(session=session)
-        if canary is None or state.canary_started_at is None:
+        comparison = compare_canary(session=session, settings=self.settings, now=now)
+        if comparison is None:
             return None
-        active = registry.active_adapter(session=session)
-        active_name = active.name if active else None
-        counts = canary_counts(
-            session=session,
-            adapters=[canary.name, active_name],
-            since=state.canary_started_at,
-            until=now,
-        )
-        new, old = counts[canary.name], counts[active_name]
-        hours = (now - state.canary_started_at).total_seconds() / 3600
-        result = decide(
-            {
-                "acceptance": MetricCounts(new.accepted, new.shown, old.accepted, old.shown),
-                "ci_pass": MetricCounts(new.passed, new.judged, old.passed, old.judged),
-            },
-            CanaryConfig.from_settings(self.settings),
-            hours=hours,
-        )
+        state = get_rollout_state(session=session)
         return CanaryOut(
-            canary=canary.name,
-            active=active_name,
-            started_at=state.canary_started_at,
-            hours=round(hours, 3),
+            canary=comparison.canary.name,
+            active=comparison.active_name,
+            started_at=comparison.since,
+            hours=round(comparison.hours, 3),
             share=state.canary_share,
             auto_rollout=state.auto_rollout,
-            canary_side=_side(new),
-            active_side=_side(old),
-            action=str(result.action),
-            reason=result.reason,
+            canary_side=_side(comparison.new),
+            active_side=_side(comparison.old),
+            action=str(comparison.result.action),
+            reason=comparison.result.reason,
         )
 
 
