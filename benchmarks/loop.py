@@ -30,9 +30,9 @@ against the base as above. Reduced, on a 2-core CPU::
 
     .venv/bin/python benchmarks/loop.py --traffic repos --rounds 1 \
         --project toolz==1.0.0 --project more-itertools==10.5.0 \
-        --held-out-project inflection==0.5.1 --per-project 6 --held-out-functions 6 \
-        --max-tokens 128 --explore 1 --explore-k 4 --fix --resample 0 --min-pairs 2 \
-        --max-steps 6 --batch-size 4 --learning-rate 5e-5 --warmup-steps 1
+        --held-out-project inflection==0.5.1 --per-project 8 --held-out-functions 10 \
+        --mode line --max-tokens 64 --explore 1 --explore-k 4 --fix --resample 0 \
+        --min-pairs 2 --max-steps 6 --batch-size 4 --learning-rate 5e-5 --warmup-steps 1
 
 The same command without the size options runs the full loop on a GPU host.
 
