@@ -373,7 +373,8 @@ def print_table(results: dict[str, Any]) -> None:
     evals = results["evaluations"]
     labels = list(evals)
     print()
-    header = f"{'suite':<11} {'tasks':>5} " + " ".join(f"{label:>10}" for label in labels)
+    width = max(len(s) for s in ("suite", *evals.get("base", {})))
+    header = f"{'suite':<{width}} {'tasks':>5} " + " ".join(f"{label:>10}" for label in labels)
     print(header)
     print("-" * len(header))
     for suite in SUITES:
@@ -384,7 +385,7 @@ def print_table(results: dict[str, Any]) -> None:
         for label in labels:
             r = evals[label][suite]
             cells.append(f"{100 * r['pass_at_1']:>9.1f}%")
-        print(f"{suite:<11} {n:>5} " + " ".join(cells))
+        print(f"{suite:<{width}} {n:>5} " + " ".join(cells))
     for entry in results["rounds"]:
         comparison = entry.get("comparison_vs_base")
         if not comparison:
@@ -393,7 +394,7 @@ def print_table(results: dict[str, Any]) -> None:
         for suite, c in comparison.items():
             delta = 100 * (c["candidate_passed"] - c["base_passed"]) / max(c["n"], 1)
             print(
-                f"  {suite:<11} {delta:+6.1f} points  wins {c['wins']:>3}  losses "
+                f"  {suite:<{width}} {delta:+6.1f} points  wins {c['wins']:>3}  losses "
                 f"{c['losses']:>3}  McNemar p={c['p_value']:.3f}"
             )
         report = entry.get("report", {})
