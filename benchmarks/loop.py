@@ -88,9 +88,11 @@ from server.store.db import make_engine, make_session_factory, upgrade
 from server.store.tokens import Role, create_token
 from trainer.config import TrainConfig
 from trainer.evaluate import EvalResult, compare, evaluate, load_suite
+from trainer.gate import GateConfig
 from trainer.generate import vllm_generator_factory
 from trainer.round import RoundOptions, RoundReport, run_round
 from trainer.sandbox import Sandbox
+from trainer.stats import lower_bound
 from trainer.tasks import Task, load_mbpp
 
 log = logging.getLogger("benchmarks.loop")
@@ -106,6 +108,19 @@ def _subset(tasks: list[Task], n: int, seed: int) -> list[Task]:
         return tasks
     picked = random.Random(seed).sample(range(len(tasks)), n)
     return [tasks[i] for i in sorted(picked)]
+
+
+def _gate_bound(base: EvalResult, after: EvalResult) -> dict[str, float]:
+    """The gate's own statistic on the paired gains (trainer.stats.lower_bound, one problem per
+    task, at the level of one gating round): mean gain and its one-sided lower bound, points."""
+    level = GateConfig().alpha
+    diffs = [float(a) - float(b) for b, a in zip(base.passed, after.passed, strict=True)]
+    bound = lower_bound(diffs, level)
+    return {
+        "gate_gain_points": round(100 * float(bound.mean), 2),
+        "gate_lower_bound_points": round(100 * float(bound.lower), 2),
+        "gate_level": level,
+    }
 
 
 def _item_id(item: Any) -> str:
@@ -354,13 +369,17 @@ class Loop:
             entry["manifest"]["record_ids_count"] = len(manifest.get("record_ids", []))
             after = self.evaluate(f"round{k}", report.adapter_dir)
             entry["comparison_vs_base"] = {
-                name: asdict(compare(base[name], after[name])) for name in self.suites
+                name: {
+                    **asdict(compare(base[name], after[name])),
+                    **_gate_bound(base[name], after[name]),
+                }
+                for name in after
             }
             if k > 1:
                 before = self.results["evaluations"][f"round{k - 1}"]
                 entry["comparison_vs_previous"] = {
                     name: asdict(compare(EvalResult.from_json(before[name]), after[name]))
-                    for name in self.suites
+                    for name in after
                 }
             self.save()
             parent = (report.adapter_name, report.adapter_dir)
@@ -393,9 +412,11 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"\nround {entry['round']} vs base:")
         for suite, c in comparison.items():
             delta = 100 * (c["candidate_passed"] - c["base_passed"]) / max(c["n"], 1)
+            bound = c.get("gate_lower_bound_points")
+            gate = f"  gate's lower bound {bound:+.1f} points" if bound is not None else ""
             print(
                 f"  {suite:<{width}} {delta:+6.1f} points  wins {c['wins']:>3}  losses "
-                f"{c['losses']:>3}  McNemar p={c['p_value']:.3f}"
+                f"{c['losses']:>3}  McNemar p={c['p_value']:.3f}{gate}"
             )
         report = entry.get("report", {})
         funnel = report.get("funnel", {})
