@@ -58,9 +58,12 @@ def chromium() -> Path:
     return ensure_chromium()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: Path) -> Iterator[Any]:
-    """A headless Chromium (Playwright's sync API) for the whole session."""
+    """A headless Chromium (Playwright's sync API) for one test module. Not for the session:
+    while Playwright's sync API runs it holds an event loop running on the main thread, and
+    every later test that calls ``asyncio.run`` would fail ("cannot be called from a running
+    event loop")."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
