@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,10 @@ from safetensors.torch import load_file
 import trainer.launch as launch
 import trainer.train
 from server.engine.lora import base_fingerprint, check_adapter
-from tests.utils.tiny_model import build_random_lora, build_tiny_model
+from tests.trainer.test_train import _config as tiny_config
+from tests.trainer.test_train import _one_thread as _one_thread  # noqa: F401 (autouse fixture)
+from tests.trainer.test_train import model_dir as model_dir  # noqa: F401 (fixture)
+from tests.utils.tiny_model import build_random_lora
 from trainer.config import TrainConfig
 from trainer.launch import LaunchError, train_adapter_launched
 from trainer.pairs import Pair
@@ -42,34 +44,9 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """As in test_train: one thread for the in-process training (the launched processes get
-    cores // processes threads each from the launcher)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _config(**overrides: Any) -> TrainConfig:
-    values: dict[str, Any] = {
-        "batch_size": 4,
-        "max_steps": 2,
-        "warmup_steps": 0,
-        "learning_rate": 1e-3,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "max_length": 128,
-        "gradient_checkpointing": False,
-    }
-    values.update(overrides)
-    return TrainConfig(**values)
+    """The tiny recipe of test_train, two steps."""
+    return tiny_config(**{"max_steps": 2, **overrides})
 
 
 def _no_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
