@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,9 @@ def train_adapter_launched(
             f"accelerate launch of {num_processes} processes exited 0 but wrote no "
             f"{result_file}; last output:\n" + "\n".join(tail)
         )
-    return _decode_result(json.loads(result_file.read_text()))
+    from trainer.train import TrainResult
+
+    return TrainResult.from_json(json.loads(result_file.read_text()))
 
 
 # -- the child: `python -m trainer.launch ARGS.json`, once per process ------------------------
@@ -138,7 +140,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:  # the main process: the other processes' results are the same
         result_file = Path(arguments["output_dir"]) / RESULT_FILE
         partial = result_file.with_name(f".{result_file.name}.partial")
-        partial.write_text(json.dumps(_encode_result(result)) + "\n")
+        partial.write_text(json.dumps(result.to_json()) + "\n")
         partial.rename(result_file)
     return 0
 
@@ -275,22 +277,6 @@ def _decode_arguments(data: dict[str, Any]) -> dict[str, Any]:
         "pairs": [Pair(**pair) for pair in data["pairs"]],
         "config": TrainConfig(**data["config"]),
     }
-
-
-def _encode_result(result: TrainResult) -> dict[str, Any]:
-    data = asdict(result)
-    data["adapter_dir"] = None if result.adapter_dir is None else str(result.adapter_dir)
-    return data
-
-
-def _decode_result(data: dict[str, Any]) -> TrainResult:
-    from trainer.train import TrainResult
-
-    known = {f.name for f in fields(TrainResult)}
-    values = {key: value for key, value in data.items() if key in known}
-    if values.get("adapter_dir") is not None:
-        values["adapter_dir"] = Path(values["adapter_dir"])
-    return TrainResult(**values)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, get_args
 
 from server.store import registry
 from server.store.artifacts import publish_adapter
@@ -36,9 +36,6 @@ from trainer.pairs import (
 from trainer.pipeline import Round, RoundOptions, Stage
 from trainer.records import OutcomeRecord
 from trainer.sandbox import Sandbox
-
-if TYPE_CHECKING:  # trainer.train imports TRL and torch: only the train stage loads it
-    from trainer.train import TrainResult
 
 __all__ = ["STAGES", "chosen_logp_alarm", "tests_for"]
 
@@ -295,13 +292,7 @@ def _compute_training(r: Round) -> dict[str, Any]:
             "funnel": r.funnel,
         },
     )
-    return _trained_json(result)
-
-
-def _trained_json(result: TrainResult) -> dict[str, Any]:
-    out = asdict(result)
-    out["adapter_dir"] = str(result.adapter_dir) if result.adapter_dir is not None else None
-    return out
+    return result.to_json()
 
 
 def _take_training(r: Round, trained: dict[str, Any]) -> str | None:

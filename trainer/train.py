@@ -32,7 +32,7 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,22 @@ class TrainResult:
     trained_pair_ids: list[str]
     stopped_reason: str | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """As JSON (the adapter's path a string): what a round's ``trained.json`` and a launched
+        training's result file hold."""
+        data = asdict(self)
+        data["adapter_dir"] = None if self.adapter_dir is None else str(self.adapter_dir)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        """Back from :meth:`to_json` (fields it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if values.get("adapter_dir") is not None:
+            values["adapter_dir"] = Path(values["adapter_dir"])
+        return cls(**values)
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -136,17 +136,13 @@ class Metrics:
         if session_factory is not None:
             r.register(_LoopCollector(session_factory, model))
 
-    def routing(self) -> Routing | None:
-        return self.router.routing if self.router is not None else None
-
     def observe_completion(self, record: CompletionRecord, route: str) -> None:
         """Count a finished completion (any status) under the route it started on."""
         labels = {"adapter": record.adapter or BASE, "model": self.model, "route": route}
         self.completions.labels(**labels, status=record.status).inc()
         if record.ttft_ms is not None:
             self.ttft.labels(**labels).observe(record.ttft_ms / 1000)
-        if record.latency_ms is not None:
-            self.latency.labels(**labels).observe(record.latency_ms / 1000)
+        self.latency.labels(**labels).observe(record.latency_ms / 1000)
         self.prompt_tokens.labels(**labels).inc(record.prompt_tokens)
         self.generated_tokens.labels(**labels).inc(sum(c.tokens for c in record.choices))
 

@@ -31,14 +31,9 @@ def _adapter(path: Path) -> Path:
     return path
 
 
-def test_publish_and_register_puts_the_adapter_in_the_store_only(
-    tmp_path: Path, db_url: str, s3: Any, aws_env: dict[str, str]
-) -> None:
-    name = ADAPTER_NAMES[0]
-    local = _adapter(tmp_path / "adapters" / name)
-    expected = checksum_document(local)
-    store = AdapterStore("s3", f"s3://{s3.new_bucket()}/adapters", s3.endpoint_url, aws_env)
-    world = World(
+def _world(tmp_path: Path, db_url: str, name: str, local: Path, store: AdapterStore) -> World:
+    """A benchmark world holding one adapter to publish, with no servers."""
+    return World(
         home=tmp_path,
         model_dir=tmp_path,
         served_name="tiny",
@@ -50,6 +45,16 @@ def test_publish_and_register_puts_the_adapter_in_the_store_only(
         store=store,
         manifests={name: {"kind": "test"}},
     )
+
+
+def test_publish_and_register_puts_the_adapter_in_the_store_only(
+    tmp_path: Path, db_url: str, s3: Any, aws_env: dict[str, str]
+) -> None:
+    name = ADAPTER_NAMES[0]
+    local = _adapter(tmp_path / "adapters" / name)
+    expected = checksum_document(local)
+    store = AdapterStore("s3", f"s3://{s3.new_bucket()}/adapters", s3.endpoint_url, aws_env)
+    world = _world(tmp_path, db_url, name, local, store)
     timings = publish_and_register(world, name)
     assert timings["publish_s"] >= 0 and timings["register_s"] >= 0
     assert timings["uri"] == f"{store.url}/{name}"
@@ -79,18 +84,7 @@ def test_a_file_store_is_a_shared_mount_read_in_place(tmp_path: Path, db_url: st
     name = ADAPTER_NAMES[1]
     local = _adapter(tmp_path / "adapters" / name)
     store = AdapterStore("file", (tmp_path / "store").as_uri(), None, {})
-    world = World(
-        home=tmp_path,
-        model_dir=tmp_path,
-        served_name="tiny",
-        database_url=db_url,
-        ide_token="",
-        ops_token="",
-        adapters={name: str(local)},
-        base_sha256="0" * 64,
-        store=store,
-        manifests={name: {"kind": "test"}},
-    )
+    world = _world(tmp_path, db_url, name, local, store)
     timings = publish_and_register(world, name)
     copy = tmp_path / "store" / name
     assert timings["uri"] == copy.resolve().as_uri()

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import trainer.launch as launch
 import trainer.train
 from server.engine.lora import base_fingerprint, check_adapter
+from tests.trainer.test_train import PAIRS
 from tests.trainer.test_train import _config as tiny_config
 from tests.trainer.test_train import _one_thread as _one_thread  # noqa: F401 (autouse fixture)
 from tests.trainer.test_train import model_dir as model_dir  # noqa: F401 (fixture)
@@ -31,17 +32,6 @@ from trainer.config import TrainConfig
 from trainer.launch import LaunchError, train_adapter_launched
 from trainer.pairs import Pair
 from trainer.train import TrainResult, train_adapter
-
-PAIRS = [
-    Pair(
-        id=f"p{i}",
-        prompt=f"def add_{i}(a, b):\n" + "    # add them\n" * (i % 4),
-        chosen="    return a + b\n" * (1 + i % 3),
-        rejected="    return a - b\n" * (1 + i % 2),
-        source="ci",
-    )
-    for i in range(16)
-]
 
 
 def _config(**overrides: Any) -> TrainConfig:
@@ -111,7 +101,7 @@ def test_arguments_and_result_round_trip(tmp_path: Path) -> None:
         ),
         TrainResult(None, 1, 0.2, 3.0, {}, ["p0"], stopped_reason="non-finite loss=nan"),
     ):
-        back = launch._decode_result(json.loads(json.dumps(launch._encode_result(result))))
+        back = TrainResult.from_json(json.loads(json.dumps(result.to_json())))
         assert back.adapter_dir == result.adapter_dir and back.steps == result.steps
         assert back.stopped_reason == result.stopped_reason
         assert back.trained_pair_ids == result.trained_pair_ids
@@ -162,7 +152,7 @@ def test_two_cpu_processes_train_an_adapter_train_adapter_accepts(
     assert not (out / "checkpoints").exists()
     # The result is the one the main process wrote, read back whole.
     written = json.loads((out / launch.RESULT_FILE).read_text())
-    assert launch._decode_result(written) == result
+    assert TrainResult.from_json(written) == result
     for name in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "nll"):
         assert math.isfinite(result.metrics[name]), name
     assert result.tokens_per_s > 0 and result.log_history[0]["num_tokens"] > 0
