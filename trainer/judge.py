@@ -1,0 +1,216 @@
+"""A judge model's strictly parsed yes/no answers about a completion where no test ran (RLAIF).
+
+The judge reads a completion in its context (the code before and after the cursor) and answers a
+fixed questionnaire. Its answers are parsed strictly: a question whose line is missing, repeated,
+or says anything but exactly ``yes`` or ``no`` is *unparsed* (``None``), never guessed. A verdict
+carries the judge's name and :data:`PROMPT_VERSION`, so answers from different questionnaires or
+models are never mixed. The judge is a weaker signal than execution: :mod:`trainer.pairs` uses it
+only among alternatives with no sealed verdict, and only once it agrees with sealed verdicts
+often enough (:func:`measure_agreement`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "PROMPT_VERSION",
+    "QUESTIONS",
+    "Judge",
+    "JudgeItem",
+    "JudgeVerdict",
+    "TransformersJudge",
+    "build_prompt",
+    "parse_answers",
+]
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = "q3-v1"
+"""Changes whenever the questionnaire or the prompt around it changes."""
+
+QUESTIONS: dict[str, str] = {
+    "api": "Does the completion use every function, method and module correctly (names that "
+    "exist, arguments they accept)?",
+    "consistent": "Is the completion consistent with the code after the cursor?",
+    "runs": "Would the file run without an error?",
+}
+"""The questionnaire, in order: the answer key and its question."""
+
+_SYSTEM = "You review code completions. Answer only in the format asked for."
+_MAX_CONTEXT_CHARS = 4000  # each side of the cursor; the judge needs the nearby code, not all
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One completion in its context, as the judge sees it."""
+
+    prefix: str  # the code before the cursor
+    completion: str  # the inserted text
+    suffix: str  # the code after the cursor
+    language: str = "python"
+
+
+@dataclass(frozen=True)
+class JudgeVerdict:
+    """The judge's answers to :data:`QUESTIONS` (``None``: unparsed) and its raw output."""
+
+    answers: dict[str, bool | None]
+    raw: str
+
+    @property
+    def score(self) -> float | None:
+        """The share of ``yes`` among the parsed answers; ``None`` if none parsed."""
+        parsed = [a for a in self.answers.values() if a is not None]
+        if not parsed:
+            return None
+        return sum(parsed) / len(parsed)
+
+    @property
+    def correct(self) -> bool | None:
+        """``True`` when every question parsed as ``yes``, ``False`` when any parsed as ``no``,
+        ``None`` otherwise (some unparsed and no ``no``): the judge's call on the completion."""
+        values = [self.answers.get(key) for key in QUESTIONS]
+        if any(v is False for v in values):
+            return False
+        if all(v is True for v in values):
+            return True
+        return None
+
+
+class Judge(Protocol):
+    """What a round needs of a judge (:class:`TransformersJudge`; tests use scripted ones)."""
+
+    name: str
+    prompt_version: str
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]: ...
+
+
+_ANSWER_LINE = re.compile(r"^\s*([A-Za-z_]+)\s*:\s*(.*?)\s*$")
+
+
+def parse_answers(text: str) -> dict[str, bool | None]:
+    """Each question's answer in ``text``: ``True`` for a line ``<key>: yes``, ``False`` for
+    ``<key>: no`` (case-insensitive, surrounding spaces ignored), ``None`` when the key's line is
+    missing, appears more than once, or holds anything else ("yes.", "probably", "yes, but").
+    Lines for other keys and other text are ignored."""
+    seen: dict[str, list[str]] = {key: [] for key in QUESTIONS}
+    for line in text.splitlines():
+        match = _ANSWER_LINE.match(line)
+        if match and match.group(1).lower() in seen:
+            seen[match.group(1).lower()].append(match.group(2).lower())
+    answers: dict[str, bool | None] = {}
+    for key, values in seen.items():
+        if len(values) == 1 and values[0] in ("yes", "no"):
+            answers[key] = values[0] == "yes"
+        else:
+            answers[key] = None
+    return answers
+
+
+def _clip(prefix: str, suffix: str) -> tuple[str, str]:
+    return prefix[-_MAX_CONTEXT_CHARS:], suffix[:_MAX_CONTEXT_CHARS]
+
+
+def build_prompt(item: JudgeItem) -> str:
+    """The user message for ``item``: the context with the completion marked, the questionnaire
+    and the exact answer format."""
+    prefix, suffix = _clip(item.prefix, item.suffix)
+    questions = "\n".join(f"{key}: {question}" for key, question in QUESTIONS.items())
+    answer_format = "\n".join(f"{key}: yes|no" for key in QUESTIONS)
+    return (
+        f"Here is a {item.language} file. The code between <completion> and </completion> was "
+        "inserted by a code assistant at the cursor.\n\n"
+        f"```{item.language}\n{prefix}<completion>{item.completion}</completion>{suffix}\n```\n\n"
+        f"Answer each question with yes or no.\n{questions}\n\n"
+        f"Reply with exactly these {len(QUESTIONS)} lines and nothing else:\n{answer_format}\n"
+    )
+
+
+class TransformersJudge:
+    """:class:`Judge` over a local Hugging Face causal LM directory: greedy, batched, on the CPU
+    unless CUDA is there. An instruct model's chat template is used when it has one."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        name: str | None = None,
+        max_new_tokens: int = 24,
+        batch_size: int = 4,
+        prompt_version: str = PROMPT_VERSION,
+    ) -> None:
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be at least 1")
+        self.model_dir = Path(model_dir)
+        self.name = name or self.model_dir.name
+        self.prompt_version = prompt_version
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._model is None or self._tokenizer is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            tokenizer.padding_side = "left"  # generation continues at the right end
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=dtype)
+            model.to(device).eval()
+            self._model, self._tokenizer = model, tokenizer
+        return self._model, self._tokenizer
+
+    def _render(self, tokenizer: Any, item: JudgeItem) -> str:
+        user = build_prompt(item)
+        if getattr(tokenizer, "chat_template", None):
+            messages = [
+                {"role": "system", "content": _SYSTEM},
+                {"role": "user", "content": user},
+            ]
+            return str(
+                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        return f"{_SYSTEM}\n\n{user}\n"
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
+        if not items:
+            return []
+        import torch
+
+        model, tokenizer = self._load()
+        verdicts: list[JudgeVerdict] = []
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            prompts = [self._render(tokenizer, item) for item in batch]
+            encoded = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            encoded = {k: v.to(model.device) for k, v in encoded.items()}
+            with torch.inference_mode():
+                out = model.generate(
+                    **encoded,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = out[:, encoded["input_ids"].shape[1] :]
+            for row in new_tokens:
+                raw = tokenizer.decode(row, skip_special_tokens=True)
+                verdicts.append(JudgeVerdict(answers=parse_answers(raw), raw=raw))
+        log.info("judge.done name=%s items=%d", self.name, len(items))
+        return verdicts
