@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 class TrainConfig:
     """Hyper-parameters of :func:`trainer.train.train_adapter`; defaults: the pilot's recipe."""
 
+    # Method
+    method: str = field(
+        default="dpo",
+        metadata={
+            "help": "'dpo': DPO+NLL on the round's execution-verified pairs (trainer.train). "
+            "'grpo': outcome-gated GRPO on tasks the sandbox can run (trainer.grpo); the fields "
+            "grpo_* below and the shared ones (learning rate, steps, LoRA, precision) apply."
+        },
+    )
+
     # Objective
     beta: float = field(
         default=0.1,
@@ -134,7 +144,71 @@ class TrainConfig:
         },
     )
 
+    # GRPO (method="grpo"): R = format + sealed outcome + 1[outcome] * judge's process score
+    grpo_num_generations: int = field(
+        default=4,
+        metadata={"help": "Completions sampled per task: the group whose rewards are compared."},
+    )
+    grpo_tasks_per_step: int = field(
+        default=2, metadata={"help": "Tasks per optimiser step (each with its group)."}
+    )
+    grpo_max_completion_length: int = field(
+        default=256, metadata={"help": "Tokens per sampled completion; a longer one is cut."}
+    )
+    grpo_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
+    grpo_beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "KL coefficient towards the reference (the parent adapter when continuing, "
+            "else the base); 0 loads no reference, as TRL's default."
+        },
+    )
+    grpo_gated: bool = field(
+        default=True,
+        metadata={
+            "help": "Gate the judge's process reward on the sealed outcome (Posterior-GRPO). "
+            "False gives format + outcome + process, which exists only to show the difference: "
+            "a process reward paid without a pass gets hacked."
+        },
+    )
+    grpo_format_weight: float = field(default=1.0, metadata={"help": "Weight of the format term."})
+    grpo_outcome_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the sealed outcome (the sandbox's pass)."}
+    )
+    grpo_process_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the judge's score (0: outcome-only GRPO)."}
+    )
+    grpo_judge_model: str = field(
+        default="",
+        metadata={
+            "help": "The judge's model directory (trainer.judge.TransformersJudge); empty: the "
+            "base model, as on a CPU host. On a GPU host a larger coder judges better."
+        },
+    )
+    grpo_suite: str = field(
+        default="mbpp_train",
+        metadata={
+            "help": "The self-contained tasks trained on (trainer.evaluate.SUITES); the gate's "
+            "suites (mbpp_dev, humaneval) must stay held out."
+        },
+    )
+    grpo_max_tasks: int = field(
+        default=0, metadata={"help": "Tasks of the suite used, in its order (0: all)."}
+    )
+
     def __post_init__(self) -> None:
+        if self.method not in ("dpo", "grpo"):
+            raise ValueError(f"method must be 'dpo' or 'grpo', got {self.method!r}.")
+        if self.grpo_num_generations < 2:
+            raise ValueError(
+                f"grpo_num_generations must be at least 2 (a group of one has no advantage), "
+                f"got {self.grpo_num_generations}."
+            )
+        for name in ("grpo_tasks_per_step", "grpo_max_completion_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.grpo_max_tasks < 0 or self.grpo_beta < 0 or not self.grpo_temperature > 0:
+            raise ValueError("grpo_max_tasks and grpo_beta must be >= 0, grpo_temperature > 0.")
         positive = {
             "beta": self.beta,
             "learning_rate": self.learning_rate,
