@@ -30,6 +30,9 @@ COPY alembic.ini ./
 COPY alembic ./alembic
 COPY server ./server
 COPY trainer ./trainer
+# The executability check the trainer runs in its sandbox is the CI client's (standard library).
+COPY plugins/common ./plugins/common
+RUN pip install --no-deps ./plugins/common
 COPY docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 
 USER 1000:1000
