@@ -67,11 +67,13 @@ from trainer.packing import (
 from trainer.pairs import Pair
 
 __all__ = [
+    "AdapterTrainerMixin",
     "KaizenDPOTrainer",
     "NonFiniteGuard",
     "Pair",
     "TrainConfig",
     "TrainResult",
+    "adapter_manifest",
     "base_fingerprint",
     "train_adapter",
 ]
@@ -96,6 +98,8 @@ class TrainResult:
     trained_pair_ids: list[str]
     stopped_reason: str | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    method: str = "dpo"  # TrainConfig.method: "dpo" (trained_pair_ids) or "grpo" (task ids)
+    trained_task_ids: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """As JSON (the adapter's path a string): what a round's ``trained.json`` and a launched
@@ -168,7 +172,30 @@ class _LogMetrics(TrainerCallback):
         log.info("event=train_log step=%d %s", state.global_step, values)
 
 
-class KaizenDPOTrainer(DPOTrainer):
+class AdapterTrainerMixin:
+    """What every Kaizen trainer of a LoRA adapter (DPO here, GRPO in :mod:`trainer.grpo`) does
+    differently from TRL's: no telemetry, no model card, and a resumed checkpoint's trained
+    adapter loaded back even when TRL's frozen ``ref`` copy sits beside it."""
+
+    def _send_telemetry(self) -> None:
+        return  # an on-prem assistant reports to nobody
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        return  # checkpoints need no README
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        # When the checkpoint also holds TRL's frozen "ref" adapter (a parent was continued), it
+        # sits in a sub-folder, and transformers 5.19 then loads only the sub-folders: the trained
+        # "default" adapter, saved at the checkpoint's root, would restart from the parent.
+        weights = load_file(Path(resume_from_checkpoint) / "adapter_model.safetensors")
+        target = model if model is not None else self.model  # type: ignore[attr-defined]
+        result = set_peft_model_state_dict(target, weights, adapter_name="default")
+        if result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not fit the adapter")
+
+
+class KaizenDPOTrainer(AdapterTrainerMixin, DPOTrainer):
     """``DPOTrainer`` with length-bucketed batches, optional packed batches, and no telemetry.
 
     With ``packing`` the collator is :class:`~trainer.packing.PackedPreferenceCollator` and the
@@ -195,23 +222,6 @@ class KaizenDPOTrainer(DPOTrainer):
             raise TypeError("KaizenDPOTrainer trains a PEFT adapter against an adapter reference")
         if packing and self.loss_types != ["sigmoid", "sft"]:
             raise ValueError("packed batches implement loss_type=['sigmoid', 'sft'] only")
-
-    def _send_telemetry(self) -> None:
-        return  # an on-prem assistant reports to nobody
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        return  # checkpoints need no README
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # When the checkpoint also holds TRL's frozen "ref" adapter (a parent was continued), it
-        # sits in a sub-folder, and transformers 5.19 then loads only the sub-folders: the trained
-        # "default" adapter, saved at the checkpoint's root, would restart from the parent.
-        weights = load_file(Path(resume_from_checkpoint) / "adapter_model.safetensors")
-        target = model if model is not None else self.model
-        result = set_peft_model_state_dict(target, weights, adapter_name="default")
-        if result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not fit the adapter")
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not self.group_by_length:
@@ -451,21 +461,18 @@ def train_adapter(
         return result
 
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    manifest = {
-        "base_model": {"dir": str(base_model_dir.resolve()), **base},
-        "parent_adapter": parent,
-        "pair_ids": trained_ids,
-        "dropped_pair_ids": sorted({p.id for p in pairs} - set(trained_ids)),
-        "config": asdict(config),
-        "lora": _lora_summary(policy.peft_config["default"]),
-        "reference": "parent adapter" if parent_adapter else "base model",
-        "metrics": metrics,
-        "steps": steps,
-        "duration_s": round(duration, 3),
-        "tokens_per_s": round(tokens_per_s, 1),
-        "versions": _versions(),
+    manifest = adapter_manifest(
+        base_model_dir=base_model_dir,
+        base=base,
+        parent=parent,
+        config=config,
+        policy=policy,
+        result=result,
+        reference="parent adapter" if parent_adapter else "base model",
+        pair_ids=trained_ids,
+        dropped_pair_ids=sorted({p.id for p in pairs} - set(trained_ids)),
         **(extra_manifest or {}),
-    }
+    )
     if args.process_index == 0:  # the other processes of a launch hold the same weights
         _save_adapter(policy, adapter_dir, manifest)
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -480,6 +487,36 @@ def train_adapter(
         metrics.get("loss"),
     )
     return result
+
+
+def adapter_manifest(
+    *,
+    base_model_dir: Path,
+    base: dict[str, Any],
+    parent: dict[str, Any] | None,
+    config: TrainConfig,
+    policy: Any,
+    result: TrainResult,
+    reference: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``manifest.json`` of a trained adapter, whatever the method: the registry, the gate
+    and the canary read the same fields from a DPO and a GRPO adapter. ``extra`` adds the
+    method's own (a DPO round's pair ids, a GRPO round's task ids and reward rule)."""
+    return {
+        "method": result.method,
+        "base_model": {"dir": str(Path(base_model_dir).resolve()), **base},
+        "parent_adapter": parent,
+        "config": asdict(config),
+        "lora": _lora_summary(policy.peft_config["default"]),
+        "reference": reference,
+        "metrics": result.metrics,
+        "steps": result.steps,
+        "duration_s": round(result.duration_s, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "versions": _versions(),
+        **extra,
+    }
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -1,0 +1,251 @@
+"""Outcome-gated GRPO: the reward rule (pure numbers), the sealed reward on real sandbox runs with
+a scripted judge, a GRPO step on the tiny model that moves the LoRA and not the base, and the
+``kaizen train --method grpo`` wiring."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from server.engine.lora import base_fingerprint
+from tests.utils.tiny_model import build_tiny_model
+from trainer.config import TrainConfig
+from trainer.judge import JudgeItem, JudgeVerdict
+from trainer.rewards import Components, RewardRule, cut_at_stops, format_ok
+from trainer.tasks import Task
+
+ADD = Task("t/add", "mbpp", "def add(a, b):\n", "\n", "assert add(2, 3) == 5\n")
+NEG = Task("t/neg", "mbpp", "def neg(a):\n", "\n", "assert neg(4) == -4\n")
+
+
+class ScriptedJudge:
+    """A judge whose score is a fixed function of the completion; it records what it was shown."""
+
+    name = "scripted"
+    prompt_version = "test-v1"
+
+    def __init__(self, score: Any = lambda text: 1.0) -> None:
+        self.score = score
+        self.seen: list[JudgeItem] = []
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
+        self.seen.extend(items)
+        verdicts = []
+        for item in items:
+            value = self.score(item.completion)  # in quarters: four yes/no answers
+            answers = {f"q{i}": i < round(value * 4) for i in range(4)}
+            verdicts.append(JudgeVerdict(answers=answers, raw=""))
+        return verdicts
+
+
+# -- the rule ---------------------------------------------------------------------------------
+
+
+def test_the_gated_rule_pays_the_process_only_with_a_passing_outcome() -> None:
+    rule = RewardRule()  # gated, weights 1
+    assert rule.reward(Components(format=True, passed=True, process=0.75)) == 2.75
+    # A failing completion the judge loves earns only its format: the judge cannot lift it.
+    assert rule.reward(Components(format=True, passed=False, process=1.0)) == 1.0
+    assert rule.reward(Components(format=False, passed=False, process=1.0)) == 0.0
+    # A pass the judge gave no parseable answer on keeps format + outcome.
+    assert rule.reward(Components(format=True, passed=True, process=None)) == 2.0
+    # So any pass outranks any fail, whatever the judge says.
+    best_fail = rule.reward(Components(format=True, passed=False, process=1.0))
+    worst_pass = rule.reward(Components(format=True, passed=True, process=0.0))
+    assert worst_pass > best_fail
+
+
+def test_the_ungated_rule_pays_the_process_regardless_and_lets_a_fail_outrank_a_pass() -> None:
+    rule = RewardRule(gated=False)
+    assert rule.reward(Components(format=True, passed=False, process=1.0)) == 2.0
+    assert rule.reward(Components(format=True, passed=True, process=0.0)) == 2.0
+    weighted = RewardRule(gated=False, format_weight=0.5, outcome_weight=1.0, process_weight=2.0)
+    loved_fail = weighted.reward(Components(format=True, passed=False, process=1.0))
+    unloved_pass = weighted.reward(Components(format=True, passed=True, process=0.0))
+    assert loved_fail == 2.5 > unloved_pass == 1.5  # the hack the gate is there to prevent
+
+
+def test_which_completions_the_judge_is_asked_about() -> None:
+    assert RewardRule().needs_process(True) and not RewardRule().needs_process(False)
+    assert RewardRule(gated=False).needs_process(False)
+    assert not RewardRule(process_weight=0.0).needs_process(True)  # outcome-only GRPO
+
+
+def test_the_rule_refuses_what_cannot_be_a_reward() -> None:
+    with pytest.raises(ValueError, match="process_weight"):
+        RewardRule(process_weight=-1.0)
+    with pytest.raises(ValueError, match="process"):
+        Components(format=True, passed=True, process=1.5)
+
+
+def test_format_needs_an_ending_and_a_program_that_parses() -> None:
+    assert format_ok("def f():\n    return 1\n", ended=True)
+    assert not format_ok("def f():\n    return 1\n", ended=False)  # cut by the length limit
+    assert not format_ok("def f():\n    return (1\n", ended=True)
+    assert not format_ok("x = 1\x00\n", ended=True)
+    assert cut_at_stops("    return a\n\nprint(1)", ["\n\n"]) == ("    return a", True)
+    assert cut_at_stops("    return a", ["\n\n", "\nprint("]) == ("    return a", False)
+    assert cut_at_stops("a\nprint(x)\n\nz", ["\n\n", "\nprint("]) == ("a", True)  # earliest
+
+
+# -- the sealed reward, on real sandbox runs ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _reward(model_dir: Path, judge: ScriptedJudge, rule: RewardRule) -> Any:
+    from transformers import AutoTokenizer
+
+    from trainer.grpo import SealedReward, _prepare
+    from trainer.sandbox import Sandbox
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepared = {t.task_id: _prepare(t, tokenizer) for t in (ADD, NEG)}
+    return SealedReward(prepared, sandbox=Sandbox(workers=2), judge=judge, rule=rule)
+
+
+COMPLETIONS = [
+    "    return a + b\n\nprint('after the block')",  # passes (cut at the blank line)
+    "    return a - b\n\n",  # fails its test
+    "    return -a\n\n",  # passes
+    "    return (a\n\n",  # does not parse
+]
+TASK_IDS = ["t/add", "t/add", "t/neg", "t/neg"]
+IDS = [[1, 2, 3]] * 4  # no end token: the stop string alone says each ended
+
+
+def test_the_gated_reward_runs_every_completion_and_shows_only_passes_to_the_judge(
+    model_dir: Path,
+) -> None:
+    judge = ScriptedJudge(lambda text: 0.5)
+    reward = _reward(model_dir, judge, RewardRule())
+    logged: dict[str, float] = {}
+    rewards = reward(
+        prompts=[""] * 4,
+        completions=COMPLETIONS,
+        completion_ids=IDS,
+        task_id=TASK_IDS,
+        log_metric=logged.__setitem__,
+    )
+    assert rewards == [2.5, 1.0, 2.5, 0.0]
+    assert [item.completion for item in judge.seen] == ["    return a + b", "    return -a"]
+    assert judge.seen[0].prefix == ADD.prompt and judge.seen[0].suffix == ADD.suffix
+    assert logged["outcome/pass_rate"] == 0.5 and logged["format/rate"] == 0.75
+    assert logged["process/judged"] == 2 and logged["process/mean"] == 0.5
+
+
+def test_the_ungated_reward_pays_the_judge_on_failures_too(model_dir: Path) -> None:
+    judge = ScriptedJudge(lambda text: 1.0 if "-" in text else 0.0)
+    reward = _reward(model_dir, judge, RewardRule(gated=False))
+    rewards = reward(
+        prompts=[""] * 4, completions=COMPLETIONS, completion_ids=IDS, task_id=TASK_IDS
+    )
+    # The wrong `a - b` now earns as much as the right `-a`, and more than the right `a + b`.
+    assert rewards == [2.0, 2.0, 3.0, 0.0]
+    assert len(judge.seen) == 4
+
+
+def test_a_completion_cut_by_the_length_limit_earns_no_format(model_dir: Path) -> None:
+    reward = _reward(model_dir, ScriptedJudge(), RewardRule(process_weight=0.0))
+    # Correct code, but neither a stop string nor an end token: the length limit cut it.
+    assert reward(
+        prompts=[""], completions=["    return a + b"], completion_ids=[[1]], task_id=["t/add"]
+    ) == [1.0]
+    end = next(iter(reward.prepared["t/add"].end_token_ids))
+    assert reward(
+        prompts=[""], completions=["    return a + b"], completion_ids=[[1, end]], task_id=["t/add"]
+    ) == [2.0]
+
+
+def test_a_process_weight_without_a_judge_is_refused(model_dir: Path) -> None:
+    from trainer.grpo import SealedReward
+
+    with pytest.raises(ValueError, match="needs a judge"):
+        SealedReward({}, sandbox=None, judge=None, rule=RewardRule())  # type: ignore[arg-type]
+
+
+# -- a GRPO step on the tiny model ------------------------------------------------------------
+
+
+def _grpo_config(**overrides: Any) -> TrainConfig:
+    values: dict[str, Any] = {
+        "method": "grpo",
+        "max_steps": 2,
+        "warmup_steps": 0,
+        "learning_rate": 1e-2,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "max_length": 128,
+        "gradient_checkpointing": False,
+        "save_steps": 100,
+        "grpo_num_generations": 4,
+        "grpo_tasks_per_step": 1,
+        "grpo_max_completion_length": 12,
+        "grpo_temperature": 1.0,
+        "grpo_gated": False,  # a random model never passes: only the ungated rule varies
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_a_grpo_step_moves_the_lora_and_not_the_base(model_dir: Path, tmp_path: Path) -> None:
+    from trainer.grpo import train_grpo_adapter
+    from trainer.sandbox import Sandbox
+
+    base_before = load_file(model_dir / "model.safetensors")
+    # A score that differs between completions gives the group an advantage to follow.
+    judge = ScriptedJudge(lambda text: (len(text) % 5) / 4)
+    result = train_grpo_adapter(
+        base_model_dir=model_dir,
+        tasks=[ADD, NEG],
+        config=_grpo_config(),
+        judge=judge,
+        output_dir=tmp_path,
+        sandbox=Sandbox(workers=2),
+        progress=False,
+    )
+    assert result.stopped_reason is None and result.steps == 2 and result.method == "grpo"
+    assert result.adapter_dir == tmp_path / "adapter" and judge.seen
+    assert sorted(result.trained_task_ids) == ["t/add", "t/neg"]
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if ".lora_B." in k)  # B starts at 0
+    base_after = load_file(model_dir / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    assert not (tmp_path / "checkpoints").exists()
+
+    # The same manifest fields as a DPO adapter, with the method and the reward rule.
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    assert manifest["method"] == "grpo" and manifest["config"]["method"] == "grpo"
+    assert {"base_model", "parent_adapter", "pair_ids", "config", "lora", "reference"} <= set(
+        manifest
+    )
+    assert len(manifest["base_model"]["sha256"]) == 64 and manifest["lora"]["r"] == 8
+    assert manifest["reward"]["rule"]["gated"] is False
+    assert manifest["reward"]["judge"] == {"name": "scripted", "prompt_version": "test-v1"}
+    assert sorted(manifest["task_ids"]) == ["t/add", "t/neg"] and manifest["steps"] == 2
+    logged = [h for h in result.log_history if "reward" in h]
+    assert len(logged) == 2 and all("outcome/pass_rate" in h for h in logged)
+
+    # The engine's servability check accepts it as it accepts a DPO adapter.
+    from server.engine.lora import check_adapter
+
+    sha = base_fingerprint(model_dir)["sha256"]
+    assert check_adapter(result.adapter_dir, max_rank=16, base_sha256=sha) == 8
