@@ -1,5 +1,8 @@
 """Execution benchmarks: greedy pass@1 of the base model or an adapter on a fixed task list, and
-the paired comparison (exact McNemar test) that the evaluation gate decides on.
+the paired comparison (exact McNemar test) that the evaluation gate decides on. Beside pass@1,
+the executability rate: the share of completions whose program (without its test) parses,
+resolves its imports and API use and runs (:mod:`trainer.executability`); a passing completion
+is executable by its verdict, so only the failing ones are checked.
 
 Every completion is judged in the :class:`~trainer.sandbox.Sandbox` (``run_tests``):
 ``task.program(completion)`` followed by ``task.test``; it passes only when the test ran to its
@@ -17,6 +20,7 @@ from math import comb
 from pathlib import Path
 from typing import Any, Protocol
 
+from trainer.executability import check_programs, executability_rate
 from trainer.generate import GenerationRequest
 from trainer.sandbox import Sandbox
 from trainer.tasks import Task, load_humaneval, load_humaneval_single_line, load_mbpp
@@ -76,28 +80,41 @@ class EvalResult:
     passed: list[bool]
     completions: list[str]
     duration_s: float
+    # Per task: the completion's program is executable (a pass is, by its verdict); None for a
+    # run that did not check (``evaluate(..., executability=False)``).
+    executable: list[bool] | None = None
 
     @property
     def pass_at_1(self) -> float:
         return sum(self.passed) / len(self.passed) if self.passed else 0.0
 
+    @property
+    def executability_rate(self) -> float | None:
+        """The share of executable completions; None when it was not checked."""
+        return executability_rate(self.executable) if self.executable is not None else None
+
     def to_json(self) -> dict[str, Any]:
+        executable = self.executable or [None] * len(self.task_ids)
         return {
             "suite": self.suite,
             "adapter": self.adapter,
             "n": len(self.task_ids),
             "passed": sum(self.passed),
             "pass_at_1": self.pass_at_1,
+            "executability_rate": self.executability_rate,
             "duration_s": self.duration_s,
             "tasks": [
-                {"task_id": t, "passed": p, "completion": c}
-                for t, p, c in zip(self.task_ids, self.passed, self.completions, strict=True)
+                {"task_id": t, "passed": p, "completion": c, "executable": e}
+                for t, p, c, e in zip(
+                    self.task_ids, self.passed, self.completions, executable, strict=True
+                )
             ],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvalResult:
         tasks = data["tasks"]
+        checked = bool(tasks) and all(t.get("executable") is not None for t in tasks)
         return cls(
             suite=data["suite"],
             adapter=data["adapter"],
@@ -105,6 +122,7 @@ class EvalResult:
             passed=[bool(t["passed"]) for t in tasks],
             completions=[t["completion"] for t in tasks],
             duration_s=float(data["duration_s"]),
+            executable=[bool(t["executable"]) for t in tasks] if checked else None,
         )
 
 
@@ -123,9 +141,11 @@ def evaluate(
     adapter: str | Path | None = None,
     max_tokens: int = 384,
     progress: bool = True,
+    executability: bool = True,
 ) -> EvalResult:
     """Greedy pass@1 of ``adapter`` (None: the base model) on ``tasks``: one completion per task
-    (temperature 0), each program run in ``sandbox``."""
+    (temperature 0), each program run in ``sandbox``. With ``executability`` each failing
+    completion's program (without its test) is checked too, one more sandbox run each."""
     started = time.perf_counter()
     requests = [GenerationRequest(t.prompt, t.suffix, t.single_line) for t in tasks]
     outputs = generator.generate(
@@ -141,21 +161,35 @@ def evaluate(
     runs = sandbox.run_tests(
         [_program(t, c) for t, c in zip(tasks, completions, strict=True)], progress=progress
     )
+    passed = [r.passed for r in runs]
+    executable: list[bool] | None = None
+    if executability:
+        # A sealed pass is executable by its verdict; the check never overrides it.
+        failing = [i for i, p in enumerate(passed) if not p]
+        checks = check_programs(
+            [tasks[i].program(completions[i]) for i in failing], sandbox=sandbox
+        )
+        executable = list(passed)
+        for i, check in zip(failing, checks, strict=True):
+            executable[i] = check.executable
     result = EvalResult(
         suite=suite,
         adapter=str(adapter) if adapter is not None else None,
         task_ids=[t.task_id for t in tasks],
-        passed=[r.passed for r in runs],
+        passed=passed,
         completions=completions,
         duration_s=time.perf_counter() - started,
+        executable=executable,
     )
     log.info(
-        "event=evaluated suite=%s adapter=%s n=%d passed=%d pass_at_1=%.4f duration_s=%.1f",
+        "event=evaluated suite=%s adapter=%s n=%d passed=%d pass_at_1=%.4f "
+        "executability_rate=%s duration_s=%.1f",
         suite,
         result.adapter,
         len(tasks),
         sum(result.passed),
         result.pass_at_1,
+        result.executability_rate,
         result.duration_s,
     )
     return result

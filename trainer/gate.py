@@ -139,6 +139,13 @@ class GateConfig:
     )
     max_tokens: int = field(default=384, metadata={"help": "Tokens per completion."})
     seed: int = field(default=0, metadata={"help": "Seed of the subset and of the sampling."})
+    executability: bool = field(
+        default=True,
+        metadata={
+            "help": "Report each side's executability rate beside pass@1 (reported, never "
+            "decided on; one more sandbox run per failing completion)."
+        },
+    )
 
     @property
     def alpha(self) -> float:
@@ -217,6 +224,9 @@ class GateResult:
     task_ids: dict[str, list[str]]  # the fixed task lists of this run, per suite
     # Per suite: {"baseline": pass@1, "candidate": pass@1}.
     pass_rates: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per suite, beside pass_rates: {"baseline": rate, "candidate": rate} of executable
+    # completions (None: not checked). Reported only: the decision is on sealed verdicts.
+    executability_rates: dict[str, dict[str, float | None]] = field(default_factory=dict)
     # "baseline/<suite>", "candidate/<suite>" and "total", in seconds.
     durations_s: dict[str, float] = field(default_factory=dict)
 
@@ -237,6 +247,7 @@ class GateResult:
             "comparisons": {s: comparison(c) for s, c in self.comparisons.items()},
             "task_ids": {s: list(ids) for s, ids in self.task_ids.items()},
             "pass_rates": self.pass_rates,
+            "executability_rates": self.executability_rates,
             "durations_s": self.durations_s,
         }
 
@@ -571,6 +582,7 @@ def run_gate(
                     adapter=path,
                     max_tokens=config.max_tokens,
                     progress=progress,
+                    executability=config.executability,
                 )
                 results[side][name] = result
                 durations[f"{side}/{name}"] = round(result.duration_s, 3)
@@ -607,6 +619,13 @@ def run_gate(
                 name: {
                     "baseline": results["baseline"][name].pass_at_1,
                     "candidate": results["candidate"][name].pass_at_1,
+                }
+                for name in results["candidate"]
+            },
+            executability_rates={
+                name: {
+                    "baseline": results["baseline"][name].executability_rate,
+                    "candidate": results["candidate"][name].executability_rate,
                 }
                 for name in results["candidate"]
             },

@@ -188,11 +188,51 @@ def test_evaluate_runs_every_completion_in_the_sandbox(sandbox: Sandbox) -> None
     assert result.passed == [True, False, True, False]
     assert result.completions == [script[t.prompt] for t in TASKS]
     assert result.pass_at_1 == 0.5 and result.duration_s > 0
+    # Passes are executable by their verdict; a syntax error is not; a function that loops
+    # forever only when called, and one that fails its asserts, still run.
+    assert result.executable == [True, False, True, True]
+    assert result.executability_rate == 0.75
 
     ((requests, kwargs),) = generator.calls
     assert requests == [GenerationRequest(t.prompt, t.suffix, t.single_line) for t in TASKS]
     assert kwargs["temperature"] == 0.0 and kwargs["n"] == 1
     assert kwargs["adapter"] == Path("/a/v1") and kwargs["max_tokens"] == 384
+
+
+def test_executability_rate_beside_pass_at_1(sandbox: Sandbox) -> None:
+    tasks = [
+        Task(
+            task_id="api",
+            source="mbpp",
+            prompt="import math\n\ndef f(x):\n",
+            suffix="\n",
+            test="assert f(4) == 2\n",
+        ),
+        Task(
+            task_id="run",
+            source="mbpp",
+            prompt="def g():\n",
+            suffix="\ng()\n",
+            test="assert g() == 1\n",
+        ),
+    ]
+    broken = ScriptedGenerator(
+        {
+            tasks[0].prompt: "    return math.squareroot(x)",  # no such function
+            tasks[1].prompt: "    return {}['k']",  # raises when the program runs
+        }
+    )
+    result = evaluate(broken, tasks, suite="toy", sandbox=sandbox, progress=False)
+    assert result.passed == [False, False] and result.executable == [False, False]
+    assert result.executability_rate == 0.0
+    data = result.to_json()
+    assert data["executability_rate"] == 0.0 and data["tasks"][0]["executable"] is False
+    assert EvalResult.from_json(data) == result
+    unchecked = evaluate(
+        broken, tasks, suite="toy", sandbox=sandbox, progress=False, executability=False
+    )
+    assert unchecked.executable is None and unchecked.executability_rate is None
+    assert EvalResult.from_json(unchecked.to_json()) == unchecked
 
 
 def test_evaluate_then_compare(sandbox: Sandbox) -> None:

@@ -465,6 +465,8 @@ def test_a_better_candidate_is_approved_with_its_evaluation_stored(
     assert evaluation["bounds"]["toy"]["problems"] == 12
     assert evaluation["task_ids"] == {"toy": [t.task_id for t in TOY]}
     assert evaluation["pass_rates"] == {"toy": {"baseline": 0.0, "candidate": 1.0}}
+    # The baseline's wrong answers still run: executable, beside a pass rate of 0.
+    assert evaluation["executability_rates"] == {"toy": {"baseline": 1.0, "candidate": 1.0}}
     assert evaluation["passed"]["toy"]["candidate"] == [True] * 12
     assert set(evaluation["durations_s"]) == {"baseline/toy", "candidate/toy", "total"}
     assert evaluation["config"]["margin_points"] == 0.0
