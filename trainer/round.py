@@ -243,7 +243,7 @@ def round_runner(
     resampling and the gate, ``rounds_dir`` for the work, the gate-then-canary stage when
     ``KAIZEN_TRAIN_AUTO_GATE`` is on. What ``kaizen train`` and the worker run, as
     ``run(trigger, resume_round_id)``."""
-    from server.engine.vllm_engine import resolve_model_dir
+    from server.engine.model import resolve_model_dir
     from trainer.generate import vllm_generator_factory
     from trainer.handoff import gate_and_canary
 

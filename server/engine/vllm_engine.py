@@ -32,11 +32,14 @@ from server.engine.base import (
     GenerationParams,
     UnknownAdapterError,
 )
+from server.engine.cpu import choose_cores, usable_cores
+from server.engine.hf_tokens import HfTokenMethods
 from server.engine.lora import (
     AdapterRejectedError,
     base_fingerprint,
     check_adapter,
 )
+from server.engine.model import resolve_model_dir, served_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,22 +47,6 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
-
-
-def resolve_model_dir(settings: Settings) -> Path:
-    """The checkpoint directory to serve: the bundled model (prepared on first use) or a path."""
-    if settings.model == "bundled":
-        from server.model_prep import prepare_bundled_model
-
-        assert settings.model_cache is not None
-        return prepare_bundled_model(settings.model_cache)
-    path = Path(settings.model).expanduser()
-    if not (path / "config.json").is_file():
-        raise EngineError(
-            f"KAIZEN_MODEL={settings.model} is not a Hugging Face model directory "
-            "(no config.json). Use 'bundled' or a local checkpoint directory."
-        )
-    return path
 
 
 # -- engine processes die with their parent ------------------------------------------------------
@@ -121,65 +108,6 @@ def install_process_guard() -> None:
 # -- CPU cores ------------------------------------------------------------------------------------
 
 
-def usable_cores() -> list[int]:
-    """The CPUs this process may run on, one per physical core (SMT siblings share a core's
-    arithmetic units, so vLLM's own auto binding also takes one logical CPU per core)."""
-    allowed = sorted(os.sched_getaffinity(0))
-    seen: dict[tuple[str, str], int] = {}
-    for cpu in allowed:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            key = (
-                (topology / "physical_package_id").read_text().strip(),
-                (topology / "core_id").read_text().strip(),
-            )
-        except OSError:
-            key = ("?", str(cpu))
-        seen.setdefault(key, cpu)
-    return sorted(seen.values())
-
-
-def parse_core_list(spec: str) -> list[int]:
-    """``"0-3,6"`` -> ``[0, 1, 2, 3, 6]``; raises ValueError with what is wrong."""
-    cores: set[int] = set()
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        low, _, high = part.partition("-")
-        try:
-            first, last = int(low), int(high or low)
-        except ValueError:
-            raise ValueError(
-                f"{spec!r} is not a CPU list: write core ids and ranges such as '0-3,6'"
-            ) from None
-        if first > last:
-            raise ValueError(f"{spec!r}: the range {part} runs backwards")
-        cores.update(range(first, last + 1))
-    if not cores:
-        raise ValueError(f"{spec!r} names no core")
-    return sorted(cores)
-
-
-def choose_cores(spec: str, *, role: str, shared: bool, available: list[int]) -> list[int]:
-    """The cores an engine binds to. ``spec`` is ``"auto"`` or a CPU list. With ``auto``, an
-    engine alone on the host takes every core; when the server and the trainer's generator
-    share it (``shared``), the server takes the lower half and the generator the upper half, so
-    the two never run their threads on the same core."""
-    if spec.strip().lower() != "auto":
-        cores = parse_core_list(spec)
-        outside = sorted(set(cores) - set(os.sched_getaffinity(0)))
-        if outside:
-            raise ValueError(
-                f"cores {outside} of {spec!r} are not available to this process "
-                f"(it may use {sorted(os.sched_getaffinity(0))})"
-            )
-        return cores
-    if not shared or len(available) < 2:
-        return list(available)
-    half = (len(available) + 1) // 2
-    return available[:half] if role == "server" else available[half:]
-
-
 def apply_cpu_binding(spec: str, *, role: str, shared: bool) -> str | None:
     """Set ``VLLM_CPU_OMP_THREADS_BIND`` for the engine about to start (its child processes
     read the environment), unless the operator set it; returns what the engine will use.
@@ -228,17 +156,7 @@ def scheduler_args(max_model_len: int) -> dict[str, Any]:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
 
 
-def served_name(settings: Settings) -> str:
-    if settings.served_model_name:
-        return settings.served_model_name
-    if settings.model == "bundled":
-        from server.model_prep import BUNDLED_MODEL_NAME
-
-        return BUNDLED_MODEL_NAME
-    return Path(settings.model).expanduser().name
-
-
-class VllmEngine:
+class VllmEngine(HfTokenMethods):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model_name = served_name(settings)
@@ -329,28 +247,6 @@ class VllmEngine:
             # AsyncLLM.__del__ calls shutdown again; at interpreter exit that fails noisily.
             del llm
             gc.collect()
-
-    # ---------------------------------------------------------------- tokens
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            raise EngineNotReadyError("The model is still loading.")
-        return self._tokenizer
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        )
-
-    def special_token_id(self, token: str) -> int | None:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            return None
-        return int(token_id)
 
     # ---------------------------------------------------------------- adapters
 

