@@ -315,6 +315,33 @@ class Settings(BaseSettings):
         5.0, ge=0, description="No suite's (recorded included) lower bound below -this (points)."
     )
 
+    # --- the judge (trainer/judge.py): yes/no answers where no test ran, and judge pairs
+    judge_model: str = Field(
+        "",
+        description="The judge's model: '' (no judge, no judge pairs), 'bundled', or a local "
+        "Hugging Face model directory (on a GPU host a larger coder judges better).",
+    )
+    judge_min_agreement: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="Judge pairs only when the judge agreed with at least this share of the "
+        "round's sealed verdicts it was measured on.",
+    )
+    judge_min_judged: int = Field(
+        32, ge=1, description="Sealed verdicts the agreement must be measured on, at least."
+    )
+    judge_calibration_items: int = Field(
+        64, ge=1, description="Sealed completions per round the judge is measured on (cost)."
+    )
+    judge_max_pairs: int = Field(64, ge=0, description="Judge pairs per round, at most (0: none).")
+    judge_pair_weight: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="A judge pair's weight in the DPO loss; an execution pair weighs 1.",
+    )
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
