@@ -268,6 +268,68 @@ class CompletionOutcome(Base):
     received_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
+class CompletionExecutability(Base):
+    """Would one text of a completion run, where no test said (``kaizen_client.executability``):
+    parses, imports resolve, API use binds, runs. ``checked_in`` says whose environment judged
+    the imports: ``ci`` (the project's, by the plugin) or ``sandbox`` (the trainer's)."""
+
+    __tablename__ = "completion_executability"
+    __table_args__ = (
+        UniqueConstraint(
+            "completion_id",
+            "choice_index",
+            "text_sha256",
+            "checked_in",
+            name="uq_completion_executability_text",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    completion_id: Mapped[str] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), index=True
+    )
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # of the text checked
+    checked_in: Mapped[str] = mapped_column(String(16))  # "ci" | "sandbox"
+    parses: Mapped[bool] = mapped_column(Boolean)
+    imports_ok: Mapped[bool | None] = mapped_column(Boolean)
+    api_ok: Mapped[bool | None] = mapped_column(Boolean)
+    runs: Mapped[bool | None] = mapped_column(Boolean)  # None: not run, or inconclusive
+    executable: Mapped[bool] = mapped_column(Boolean)
+    problems: Mapped[list[Any]] = mapped_column(JSON)
+    checked_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class JudgeVerdictRow(Base):
+    """A judge model's answers about one text of a completion (``trainer.judge``): per question
+    yes (true), no (false) or unparsed (null), the raw reply, and which judge and questionnaire."""
+
+    __tablename__ = "judge_verdicts"
+    __table_args__ = (
+        UniqueConstraint(
+            "completion_id",
+            "choice_index",
+            "text_sha256",
+            "judge_name",
+            "prompt_version",
+            name="uq_judge_verdicts_text_judge",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    completion_id: Mapped[str] = mapped_column(
+        ForeignKey("completions.id", ondelete="CASCADE"), index=True
+    )
+    choice_index: Mapped[int] = mapped_column(Integer, default=0)
+    text_sha256: Mapped[str] = mapped_column(String(64))  # of the text judged
+    judge_name: Mapped[str] = mapped_column(SafeString(200))
+    prompt_version: Mapped[str] = mapped_column(String(32))
+    answers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    score: Mapped[float | None] = mapped_column(Float)  # share of yes among parsed answers
+    raw: Mapped[str] = mapped_column(SafeText())
+    judged_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
 class TrainingRound(Base):
     """One round of the trainer: its inputs, funnel, metrics, timings and result."""
 
