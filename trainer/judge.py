@@ -24,17 +24,19 @@ if TYPE_CHECKING:
 __all__ = [
     "PROMPT_VERSION",
     "QUESTIONS",
+    "Agreement",
     "Judge",
     "JudgeItem",
     "JudgeVerdict",
     "TransformersJudge",
     "build_prompt",
+    "measure_agreement",
     "parse_answers",
 ]
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = "q3-v1"
+PROMPT_VERSION = "q3-v2"
 """Changes whenever the questionnaire or the prompt around it changes."""
 
 QUESTIONS: dict[str, str] = {
@@ -46,6 +48,7 @@ QUESTIONS: dict[str, str] = {
 """The questionnaire, in order: the answer key and its question."""
 
 _SYSTEM = "You review code completions. Answer only in the format asked for."
+_REPLY_START = f"{next(iter(QUESTIONS))}:"  # the reply is begun for the model: "api:"
 _MAX_CONTEXT_CHARS = 4000  # each side of the cursor; the judge needs the nearby code, not all
 
 
@@ -126,19 +129,23 @@ def build_prompt(item: JudgeItem) -> str:
     and the exact answer format."""
     prefix, suffix = _clip(item.prefix, item.suffix)
     questions = "\n".join(f"{key}: {question}" for key, question in QUESTIONS.items())
-    answer_format = "\n".join(f"{key}: yes|no" for key in QUESTIONS)
+    answer_format = "\n".join(f"{key}: <yes or no>" for key in QUESTIONS)
     return (
         f"Here is a {item.language} file. The code between <completion> and </completion> was "
         "inserted by a code assistant at the cursor.\n\n"
         f"```{item.language}\n{prefix}<completion>{item.completion}</completion>{suffix}\n```\n\n"
         f"Answer each question with yes or no.\n{questions}\n\n"
-        f"Reply with exactly these {len(QUESTIONS)} lines and nothing else:\n{answer_format}\n"
+        f"Reply with exactly these {len(QUESTIONS)} lines, each ending in the word yes or the "
+        f"word no, and nothing else:\n{answer_format}\n"
     )
 
 
 class TransformersJudge:
     """:class:`Judge` over a local Hugging Face causal LM directory: greedy, batched, on the CPU
-    unless CUDA is there. An instruct model's chat template is used when it has one."""
+    unless CUDA is there. An instruct model's chat template is used when it has one, and the
+    reply is started with the first answer's key (``api:``): a small model told the format
+    otherwise answers a bare "yes" per line, which strict parsing rightly refuses. The raw text
+    stored is that start plus what the model wrote."""
 
     def __init__(
         self,
@@ -182,10 +189,11 @@ class TransformersJudge:
                 {"role": "system", "content": _SYSTEM},
                 {"role": "user", "content": user},
             ]
-            return str(
-                tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
             )
-        return f"{_SYSTEM}\n\n{user}\n"
+            return str(text) + _REPLY_START
+        return f"{_SYSTEM}\n\n{user}\n{_REPLY_START}"
 
     def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
         if not items:
@@ -210,7 +218,72 @@ class TransformersJudge:
                 )
             new_tokens = out[:, encoded["input_ids"].shape[1] :]
             for row in new_tokens:
-                raw = tokenizer.decode(row, skip_special_tokens=True)
+                raw = _REPLY_START + tokenizer.decode(row, skip_special_tokens=True)
                 verdicts.append(JudgeVerdict(answers=parse_answers(raw), raw=raw))
         log.info("judge.done name=%s items=%d", self.name, len(items))
         return verdicts
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a judge's calls (:attr:`JudgeVerdict.correct`) compare with sealed execution verdicts
+    on the same completions. An unparsed call counts against agreement: a judge that cannot
+    answer in the format does not agree."""
+
+    judged: int  # completions with a sealed verdict the judge answered about
+    parsed: int  # of those, with a call (every answer parsed, or a parsed "no")
+    agreed: int  # the call matches the verdict (correct and passed, or not and failed)
+    said_correct: int
+    correct_and_passed: int
+    passed: int  # sealed passes among the judged
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.judged if self.judged else None
+
+    @property
+    def precision(self) -> float | None:
+        """Of the completions the judge called correct, the share that passed."""
+        return self.correct_and_passed / self.said_correct if self.said_correct else None
+
+    @property
+    def majority(self) -> float | None:
+        """The agreement of always giving the commoner verdict: what a judge must beat."""
+        if not self.judged:
+            return None
+        return max(self.passed, self.judged - self.passed) / self.judged
+
+    def clears(self, threshold: float, min_judged: int) -> bool:
+        """Enough sealed verdicts were compared, and the agreement reaches ``threshold``."""
+        return self.judged >= min_judged and (self.agreement or 0.0) >= threshold
+
+    def to_json(self) -> dict[str, Any]:
+        def rounded(x: float | None) -> float | None:
+            return round(x, 4) if x is not None else None
+
+        return {
+            "judged": self.judged,
+            "parsed": self.parsed,
+            "agreed": self.agreed,
+            "said_correct": self.said_correct,
+            "correct_and_passed": self.correct_and_passed,
+            "passed": self.passed,
+            "agreement": rounded(self.agreement),
+            "precision": rounded(self.precision),
+            "majority": rounded(self.majority),
+        }
+
+
+def measure_agreement(verdicts: Sequence[JudgeVerdict], passed: Sequence[bool]) -> Agreement:
+    """Compare the judge's calls with the sealed verdicts (``passed``), item by item."""
+    if len(verdicts) != len(passed):
+        raise ValueError(f"{len(verdicts)} judge verdicts for {len(passed)} sealed verdicts")
+    calls = [v.correct for v in verdicts]
+    return Agreement(
+        judged=len(calls),
+        parsed=sum(c is not None for c in calls),
+        agreed=sum(c is not None and c == p for c, p in zip(calls, passed, strict=True)),
+        said_correct=sum(c is True for c in calls),
+        correct_and_passed=sum(c is True and p for c, p in zip(calls, passed, strict=True)),
+        passed=sum(passed),
+    )
