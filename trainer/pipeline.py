@@ -64,6 +64,27 @@ class RoundOptions:
     # An alarm is raised when the chosen side's mean DPO reward (policy minus reference
     # log-prob, times beta) over the last quarter of logged steps is below this.
     chosen_reward_floor: float = field(default=0.0)
+    # The judge (trainer.judging): judge pairs where nothing executed, only once the judge
+    # agrees with the round's sealed verdicts often enough. "" : no judge.
+    judge_model: str = field(
+        default="", metadata={"help": "The judge's model directory ('': no judge pairs)."}
+    )
+    judge_min_agreement: float = field(
+        default=0.75, metadata={"help": "Agreement with sealed verdicts judge pairs need."}
+    )
+    judge_min_judged: int = field(
+        default=32, metadata={"help": "Sealed verdicts the agreement is measured on, at least."}
+    )
+    judge_calibration_items: int = field(
+        default=64, metadata={"help": "Sealed completions the judge is measured on per round."}
+    )
+    judge_max_alternatives: int = field(
+        default=256, metadata={"help": "Alternatives (no verdict) judged per round, at most."}
+    )
+    judge_max_pairs: int = field(default=64, metadata={"help": "Judge pairs per round, at most."})
+    judge_pair_weight: float = field(
+        default=0.5, metadata={"help": "A judge pair's loss weight (an execution pair's: 1)."}
+    )
 
     def __post_init__(self) -> None:
         if self.n_resample < 0 or self.flaky_reruns < 0:
@@ -78,6 +99,13 @@ class RoundOptions:
             raise ValueError(
                 f"max_token_share must be in (0, 1] (1: no cap), got {self.max_token_share}"
             )
+        if not 0 < self.judge_pair_weight < 1:
+            raise ValueError(
+                "judge_pair_weight must be in (0, 1): a judge pair weighs less than an "
+                f"execution pair, got {self.judge_pair_weight}"
+            )
+        if not 0 <= self.judge_min_agreement <= 1:
+            raise ValueError(f"judge_min_agreement is a share, got {self.judge_min_agreement}")
 
 
 @dataclass
