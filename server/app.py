@@ -25,6 +25,7 @@ from server.api.openapi import install_openapi
 from server.api.routes.dashboard import DASHBOARD_PATHS
 from server.config import Settings, get_settings
 from server.engine.base import Engine
+from server.engine.select import build_engine
 from server.services.adapter_sync import AdapterSync
 from server.services.auth import TokenAuthenticator
 from server.services.completions import CompletionService
@@ -38,13 +39,6 @@ from server.store.db import check_migrated, make_engine, make_session_factory
 from server.store.journal import Journal
 
 log = logging.getLogger(__name__)
-
-
-def build_engine(settings: Settings) -> Engine:
-    """The production engine: vLLM with the configured (or bundled) model."""
-    from server.engine.vllm_engine import VllmEngine
-
-    return VllmEngine.from_settings(settings)
 
 
 async def _start_engine(engine: Engine, adapter_sync: AdapterSync) -> None:
