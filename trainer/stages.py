@@ -8,6 +8,10 @@ its result and a ``take`` that moves it into the round (see :class:`trainer.pipe
     register   publish the adapter to the store, then register it as a ``candidate``
     gate       gate it against the active adapter and make an approved one the canary
                (trainer.handoff), when the round is given a gate
+
+A GRPO round (``config.method == "grpo"``) has ``tasks`` (self-contained tasks the sandbox can
+run; a dry run ends there) in place of ``pairs`` and ``selection``, trains with
+:func:`trainer.grpo.train_grpo_adapter`, and registers and gates its adapter like a DPO one.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, get_args
 from server.store import registry
 from server.store.artifacts import publish_adapter
 from trainer.budget import fit_pairs
+from trainer.config import TrainConfig
 from trainer.generate import GenerationRequest, Generator, GeneratorFactory
 from trainer.pairs import (
     Context,
@@ -36,8 +41,9 @@ from trainer.pairs import (
 from trainer.pipeline import Round, RoundOptions, Stage
 from trainer.records import OutcomeRecord
 from trainer.sandbox import Sandbox
+from trainer.tasks import Task
 
-__all__ = ["STAGES", "chosen_logp_alarm", "tests_for"]
+__all__ = ["STAGES", "chosen_logp_alarm", "grpo_tasks", "tests_for"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ PAIRS_FILE = "pairs.json"
 SELECTION_FILE = "selection.json"
 TRAIN_DIR = "train"  # the trainer's checkpoints and the adapter
 TRAINED_FILE = "trained.json"
+TASKS_FILE = "tasks.json"  # a GRPO round's tasks
 REGISTERED_FILE = "registered.json"
 GATE_FILE = "gate.json"
 
@@ -267,6 +274,8 @@ def _take_selection(r: Round, chosen: dict[str, Any]) -> str | None:
 def _compute_training(r: Round) -> dict[str, Any]:
     """Train, and return the result as JSON (``trained.json``), so that a round killed after
     training never trains again over the adapter it may already have registered."""
+    if r.config.method == "grpo":
+        return _train_grpo(r)
     from trainer.launch import train_adapter_launched
 
     used = {r.info[p.id].context_key for p in r.selected}
@@ -298,6 +307,8 @@ def _compute_training(r: Round) -> dict[str, Any]:
 def _take_training(r: Round, trained: dict[str, Any]) -> str | None:
     r.trained = trained
     r.funnel["trained_pairs"] = len(trained["trained_pair_ids"])
+    if trained.get("method") == "grpo":
+        r.funnel["trained_tasks"] = len(trained["trained_task_ids"])
     r.report.metrics = {
         **trained["metrics"],
         "steps": trained["steps"],
@@ -362,11 +373,80 @@ def _take_gate(r: Round, decision: dict[str, Any]) -> None:
     r.funnel["gate"] = decision
 
 
+# -- a GRPO round: self-contained tasks in place of pairs and selection -------------------------
+
+# What the gate and the loop benchmark hold out: a GRPO round never trains on them.
+HELD_OUT_SUITES = ("mbpp_dev", "mbpp_test", "humaneval", "humaneval_fim")
+
+
+def _is_dpo(r: Round) -> bool:
+    return r.config.method == "dpo"
+
+
+def _is_grpo(r: Round) -> bool:
+    return r.config.method == "grpo"
+
+
+def grpo_tasks(config: TrainConfig) -> list[Task]:
+    """The tasks a GRPO round trains on: ``config.grpo_suite`` (never a held-out one), the
+    first ``grpo_max_tasks`` in its order."""
+    from trainer.evaluate import load_suite
+    from trainer.tasks import mbpp_path
+
+    if config.grpo_suite in HELD_OUT_SUITES:
+        raise ValueError(
+            f"grpo_suite={config.grpo_suite!r} is held out for the gate and the benchmarks; "
+            "train on 'mbpp_train'"
+        )
+    tasks = load_suite(config.grpo_suite, mbpp_path=mbpp_path())
+    return tasks[: config.grpo_max_tasks] if config.grpo_max_tasks else tasks
+
+
+def _compute_tasks(r: Round) -> dict[str, Any]:
+    tasks = grpo_tasks(r.config)
+    return {"funnel": {"suite": r.config.grpo_suite, "tasks": len(tasks)}}
+
+
+def _take_tasks(r: Round, chosen: dict[str, Any]) -> str | None:
+    r.funnel["tasks"] = chosen["funnel"]
+    return "dry_run" if r.dry_run else None
+
+
+def _train_grpo(r: Round) -> dict[str, Any]:
+    from trainer.grpo import train_grpo_adapter
+    from trainer.judge import TransformersJudge
+
+    if r.train_processes > 1:
+        log.warning("event=grpo_one_process train_processes=%d", r.train_processes)
+    judge_dir = Path(r.config.grpo_judge_model or r.base_model_dir)
+    judge = TransformersJudge(judge_dir) if r.config.grpo_process_weight > 0 else None
+    result = train_grpo_adapter(
+        base_model_dir=r.base_model_dir,
+        tasks=grpo_tasks(r.config),
+        config=r.config,
+        judge=judge,
+        parent_adapter=r.parent_dir,
+        output_dir=r.work_dir / TRAIN_DIR,
+        progress=r.progress,
+        resume=True,
+        extra_manifest={
+            "round_id": r.report.round_id,
+            "parent_adapter_name": r.report.parent_adapter,
+            "record_ids": [],  # trained on no record: the gate's recorded suite keeps them all
+            "funnel": r.funnel,
+        },
+    )
+    return result.to_json()
+
+
 # The round, in order. Each stage is done once per round, however often the round is resumed
 # (a stage killed half-way starts again; training from the trainer's own last checkpoint).
 STAGES: tuple[Stage, ...] = (
-    Stage("pairs", _compute_pairs, _take_pairs, checkpoint=PAIRS_FILE),
-    Stage("selection", _compute_selection, _take_selection, checkpoint=SELECTION_FILE),
+    Stage("pairs", _compute_pairs, _take_pairs, checkpoint=PAIRS_FILE, when=_is_dpo),
+    Stage(
+        "selection", _compute_selection, _take_selection, checkpoint=SELECTION_FILE, when=_is_dpo
+    ),
+    Stage("tasks", _compute_tasks, _take_tasks, checkpoint=TASKS_FILE, when=_is_grpo),
     Stage("train", _compute_training, _take_training, checkpoint=TRAINED_FILE),
     Stage("register", _compute_registration, _take_registration, checkpoint=REGISTERED_FILE),
     Stage("gate", _compute_gate, _take_gate, checkpoint=GATE_FILE, when=_has_gate),

@@ -249,3 +249,53 @@ def test_a_grpo_step_moves_the_lora_and_not_the_base(model_dir: Path, tmp_path: 
 
     sha = base_fingerprint(model_dir)["sha256"]
     assert check_adapter(result.adapter_dir, max_rank=16, base_sha256=sha) == 8
+
+
+# -- a GRPO round: tasks -> train -> register, like a DPO round -------------------------------
+
+
+def test_a_grpo_round_trains_on_tasks_and_registers_a_candidate_like_a_dpo_one(
+    session_factory: Any, model_dir: Path, tmp_path: Path
+) -> None:
+    from server.store import registry
+    from trainer.round import RoundOptions, run_round
+
+    config = _grpo_config(max_steps=1, max_length=1024, grpo_max_tasks=2, grpo_gated=True)
+    dry = run_round(
+        session_factory=session_factory,
+        base_model_dir=model_dir,
+        rounds_dir=tmp_path / "rounds",
+        config=config,
+        options=RoundOptions(n_resample=0),
+        progress=False,
+        dry_run=True,
+    )
+    assert dry.status == "dry_run" and dry.funnel["tasks"] == {"suite": "mbpp_train", "tasks": 2}
+    assert "train" not in dry.durations and "pairs" not in dry.durations
+
+    report = run_round(
+        session_factory=session_factory,
+        base_model_dir=model_dir,
+        rounds_dir=tmp_path / "rounds",
+        config=config,  # the tiny model itself is the judge (grpo_judge_model empty)
+        options=RoundOptions(n_resample=0),
+        progress=False,
+    )
+    assert report.status == "succeeded", report.error
+    assert report.funnel["trained_tasks"] == 2 and report.funnel["trained_pairs"] == 0
+    assert {"tasks", "train", "register"} <= set(report.durations)
+    assert "pairs" not in report.durations and "selection" not in report.durations
+    with session_factory() as session:
+        adapter = registry.get_adapter(session=session, name=report.adapter_name or "")
+        assert adapter is not None and adapter.state == "candidate"
+        assert adapter.manifest["method"] == "grpo" and adapter.manifest["record_ids"] == []
+        assert adapter.manifest["round_id"] == report.round_id
+        assert adapter.manifest["reward"]["judge"]["name"] == model_dir.name
+
+
+def test_a_grpo_round_refuses_a_held_out_suite() -> None:
+    from trainer.stages import grpo_tasks
+
+    with pytest.raises(ValueError, match="held out"):
+        grpo_tasks(_grpo_config(grpo_suite="mbpp_dev"))
+    assert len(grpo_tasks(_grpo_config(grpo_max_tasks=3))) == 3
