@@ -13,6 +13,11 @@ same context (the same prompt and suffix, see :func:`trainer.records.context_key
   sampled for a served completion's context and judged with the project's own tests, paired
   with a text of the other side of the same context (the served one or another alternative).
   Its verdict comes from CI, as a ``ci`` pair's does: no test code is needed.
+* ``judge``: among alternatives of one context that nothing executed (no CI verdict on any text
+  of the context), a text the judge model called correct against one it called wrong
+  (:func:`build_judge_pairs`, :mod:`trainer.judge`). Weighted below execution pairs, capped per
+  round, made only when the judge's measured agreement with sealed verdicts clears a threshold,
+  and never for a context that has a verdict: a sealed verdict is never overridden.
 
 Where a test exists every text is run again in the sandbox (:class:`trainer.sandbox.Sandbox`,
 the one executor for untrusted code): a pair survives only if its chosen passes and its
@@ -41,9 +46,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from server.engine.fim import FimFormat
 from server.store.repositories import normalise_repository
@@ -57,6 +62,8 @@ __all__ = [
     "PairBuildResult",
     "PairInfo",
     "ResampleAsk",
+    "Alternative",
+    "build_judge_pairs",
     "build_pairs",
     "edit_distance_ratio",
     "failure_kind",
@@ -73,7 +80,7 @@ __all__ = [
 DEFAULT_MAX_FIX_DISTANCE = 0.8
 DEFAULT_MAX_TOKEN_SHARE = 0.5
 
-Source = Literal["fix", "ci", "ci_resample", "resample"]
+Source = Literal["fix", "ci", "ci_resample", "resample", "judge"]
 FailureKind = Literal["assertion", "runtime", "syntax"]
 Verdict = Literal["pass", "fail", "flaky"]
 
@@ -115,6 +122,8 @@ class Pair:
     # The repository context the prompt starts with (before ``<|fim_prefix|>``), which
     # trimming drops first; "" for a file-level prompt.
     context: str = ""
+    # The pair's weight in the loss: 1 for execution-verified pairs, less for judge pairs.
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -794,3 +803,179 @@ def _distribution(values: Sequence[float], limit: float) -> dict[str, Any]:
         return round(ordered[int(x * (len(ordered) - 1))], 3)  # the lower of two at a tie
 
     return {"fixes": len(ordered), "limit": limit, "p50": q(0.5), "p90": q(0.9), "max": q(1.0)}
+
+
+# -- judge pairs ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One recorded text of a completion that no CI run has a verdict on: what the judge is
+    asked about (``server.store.signals.choices_without_outcome``)."""
+
+    completion_id: str
+    choice_index: int
+    context_key: str  # trainer.records.context_key(prompt, suffix)
+    endpoint: str
+    prompt: str
+    suffix: str | None
+    text: str
+    language: str | None = None
+    repository: str | None = None
+    fim_context: str = ""
+    cut_off: bool = False  # ended by max_tokens: not a complete answer
+
+    @property
+    def id(self) -> str:
+        return f"{self.completion_id}:{self.choice_index}"
+
+
+class JudgeCall(Protocol):
+    """What judge pairs need of a verdict (``trainer.judge.JudgeVerdict``)."""
+
+    @property
+    def correct(self) -> bool | None: ...
+
+    @property
+    def score(self) -> float | None: ...
+
+
+def build_judge_pairs(
+    alternatives: Sequence[Alternative],
+    calls: Mapping[str, JudgeCall],
+    *,
+    verified_contexts: Collection[str],
+    weight: float,
+    max_pairs: int,
+    max_pairs_per_context: int = 4,
+    seed: int = 0,
+    executable: Mapping[str, bool] | None = None,
+    excluded_repositories: Collection[str] = (),
+    secret_scanner: SecretScanner | None = None,
+) -> PairBuildResult:
+    """Judge pairs (source ``judge``) from ``alternatives`` and the judge's ``calls`` on them
+    (by :attr:`Alternative.id`): per context, each text the judge called correct against each
+    it called wrong, never in a context of ``verified_contexts`` (any sealed verdict on any of
+    its texts wins), a chosen text that ``executable`` says does not run is left out, and a
+    text the judge called both ways (two records of it) is no side. Widest score margin first,
+    ties by a seeded hash; at most ``max_pairs_per_context`` per context and ``max_pairs`` in
+    all. Every pair has ``weight`` (below an execution pair's 1)."""
+    if not 0 < weight < 1:
+        raise ValueError(
+            f"a judge pair weighs less than an execution pair: 0 < weight < 1: {weight}"
+        )
+    if max_pairs < 0 or max_pairs_per_context < 1:
+        raise ValueError("max_pairs must be >= 0 and max_pairs_per_context >= 1")
+    excluded = frozenset(_repository_id(r) for r in excluded_repositories)
+    dropped: Counter[str] = Counter(
+        {
+            k: 0
+            for k in (
+                "verified_context",
+                "excluded_repository",
+                "cut_off",
+                "secret",
+                "unparsed",
+                "not_executable",
+                "conflicting",
+                "cap",
+            )
+        }
+    )
+    kept: list[Alternative] = []
+    for alt in alternatives:
+        if alt.context_key in verified_contexts:
+            dropped["verified_context"] += 1
+        elif _repository_id(alt.repository) in excluded:
+            dropped["excluded_repository"] += 1
+        elif alt.cut_off:
+            dropped["cut_off"] += 1
+        else:
+            kept.append(alt)
+    if secret_scanner is not None and kept:
+        texts = sorted({t for a in kept for t in (a.prompt, a.suffix, a.text) if t})
+        flagged = {t for t, f in zip(texts, secret_scanner.find_many(texts), strict=True) if f}
+        clean = [a for a in kept if not {a.prompt, a.suffix, a.text} & flagged]
+        dropped["secret"] += len(kept) - len(clean)
+        kept = clean
+
+    by_context: dict[str, list[Alternative]] = defaultdict(list)
+    for alt in kept:
+        by_context[alt.context_key].append(alt)
+    proposals: list[tuple[float, str, Alternative, Alternative]] = []
+    for key in sorted(by_context):
+        sides: dict[str, tuple[Alternative, bool | None, float]] = {}
+        for alt in sorted(by_context[key], key=lambda a: a.id):
+            call = calls.get(alt.id)
+            correct = call.correct if call is not None else None
+            if correct is None:
+                dropped["unparsed"] += 1
+                continue
+            if correct and executable is not None and executable.get(alt.id) is False:
+                dropped["not_executable"] += 1
+                continue
+            norm = normalize_text(alt.text)
+            if not norm:
+                continue
+            score = call.score if call is not None and call.score is not None else 0.0
+            if norm in sides and sides[norm][1] != correct:
+                sides[norm] = (sides[norm][0], None, 0.0)  # called both ways: no side
+                dropped["conflicting"] += 1
+            elif norm not in sides:
+                sides[norm] = (alt, correct, score)
+        good = [(a, sc) for a, c, sc in sides.values() if c is True]
+        bad = [(a, sc) for a, c, sc in sides.values() if c is False]
+        context_props = sorted(
+            (
+                (-(gs - bs), _seeded(seed, "judge", g.text, b.text), g, b)
+                for g, gs in good
+                for b, bs in bad
+            ),
+            key=lambda t: (t[0], t[1]),
+        )
+        dropped["cap"] += max(0, len(context_props) - max_pairs_per_context)
+        proposals += context_props[:max_pairs_per_context]
+    proposals.sort(key=lambda t: (t[0], t[1]))
+    dropped["cap"] += max(0, len(proposals) - max_pairs)
+    pairs: list[Pair] = []
+    info: dict[str, PairInfo] = {}
+    for _, _, chosen, rejected in proposals[:max_pairs]:
+        fim = chosen.suffix is not None and chosen.endpoint != "chat"
+        prompt = (
+            FimFormat().build(chosen.prompt, chosen.suffix or "", chosen.fim_context)
+            if fim
+            else chosen.prompt
+        )
+        pair_id = hashlib.sha256(f"{prompt}\0{chosen.text}\0{rejected.text}".encode()).hexdigest()[
+            :24
+        ]
+        trimmable = chosen.endpoint != "chat"
+        pairs.append(
+            Pair(
+                id=pair_id,
+                prompt=prompt,
+                chosen=chosen.text,
+                rejected=rejected.text,
+                source="judge",
+                prefix=chosen.prompt if trimmable else None,
+                suffix=chosen.suffix if trimmable else None,
+                context=chosen.fim_context if fim else "",
+                weight=weight,
+            )
+        )
+        info[pair_id] = PairInfo(
+            context_key=chosen.context_key,
+            repository=chosen.repository,
+            source="judge",
+            rejected_kind="runtime",  # nothing ran: the judge's "no" is all that is known
+        )
+    funnel = {
+        "alternatives": len(alternatives),
+        "contexts": len(by_context),
+        "judged": sum(1 for a in kept if a.id in calls),
+        "dropped": dict(dropped),
+        "weight": weight,
+        "max_pairs": max_pairs,
+        "pairs": len(pairs),
+    }
+    return PairBuildResult(pairs=pairs, info=info, funnel=funnel)

@@ -2,7 +2,9 @@
 its result and a ``take`` that moves it into the round (see :class:`trainer.pipeline.Stage`):
 
     pairs      re-run texts in the sandbox, resample one-sided contexts with the parent adapter,
-               keep pass/fail pairs (trainer.pairs), fitted to the token budget (trainer.budget)
+               keep pass/fail pairs (trainer.pairs); with a judge whose agreement with the
+               sealed verdicts clears the threshold, judge pairs where nothing executed
+               (trainer.judging); fitted to the token budget (trainer.budget)
     selection  CDAS (trainer.selection), then the min_pairs check; a dry run ends here
     train      DPO+NLL on a LoRA adapter continuing from the parent (trainer.train)
     register   publish the adapter to the store, then register it as a ``candidate``
@@ -24,11 +26,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, get_args
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from server.store import registry
 from server.store.artifacts import publish_adapter
 from trainer.budget import fit_pairs
 from trainer.config import TrainConfig
 from trainer.generate import GenerationRequest, Generator, GeneratorFactory
+from trainer.judge import Judge, TransformersJudge
+from trainer.judging import JudgeOptions, judge_round
 from trainer.pairs import (
     Context,
     Pair,
@@ -41,6 +47,7 @@ from trainer.pairs import (
 from trainer.pipeline import Round, RoundOptions, Stage
 from trainer.records import OutcomeRecord
 from trainer.sandbox import Sandbox
+from trainer.secrets import SecretScanner
 from trainer.tasks import Task
 
 __all__ = ["STAGES", "chosen_logp_alarm", "grpo_tasks", "tests_for"]
@@ -137,6 +144,8 @@ def _build_pairs_stage(
     base_model_dir: Path,
     budget: int,
     excluded: frozenset[str] = frozenset(),
+    session_factory: sessionmaker[Session] | None = None,
+    judge: Judge | None = None,
 ) -> dict[str, Any]:
     generator: Generator | None = None
 
@@ -170,6 +179,24 @@ def _build_pairs_stage(
     finally:
         if generator is not None:
             generator.close()  # frees the engine's memory before training
+    # The judge, after the engine is closed (on a CPU host both would not fit at once): judge
+    # pairs only where nothing executed, and only once it agrees with the sealed verdicts.
+    judge_funnel: dict[str, Any] = {"used": False, "pairs": 0, "reason": "no judge configured"}
+    if judge is not None and session_factory is not None:
+        judged, judge_funnel = judge_round(
+            session_factory=session_factory,
+            records=records,
+            judge=judge,
+            options=_judge_options(options),
+            sandbox=Sandbox(workers=options.sandbox_workers),
+            excluded_repositories=excluded,
+            secret_scanner=SecretScanner(),
+        )
+        if judged is not None:
+            built.pairs += judged.pairs
+            built.info.update(judged.info)
+            built.funnel["pairs_by_source"]["judge"] = len(judged.pairs)
+            built.funnel["pairs"] = len(built.pairs)
     from transformers import AutoTokenizer
 
     # Fitted here, once, so that pairs.json holds exactly what selection scores and training
@@ -183,9 +210,30 @@ def _build_pairs_stage(
             "resampling": resampled,
             "fit": fitted.funnel,
             "pairs_fitted": len(fitted.pairs),
+            "judge": judge_funnel,
         },
         "dropped_records": built.dropped_records,
     }
+
+
+def _judge_options(options: RoundOptions) -> JudgeOptions:
+    return JudgeOptions(
+        min_agreement=options.judge_min_agreement,
+        min_judged=options.judge_min_judged,
+        calibration_items=options.judge_calibration_items,
+        max_alternatives=options.judge_max_alternatives,
+        max_pairs=options.judge_max_pairs,
+        pair_weight=options.judge_pair_weight,
+        max_pairs_per_context=options.max_pairs_per_context,
+        seed=options.seed,
+    )
+
+
+def _judge_for(options: RoundOptions) -> Judge | None:
+    """The round's judge: a local model directory (``judge_model``), or none."""
+    if not options.judge_model:
+        return None
+    return TransformersJudge(Path(options.judge_model))
 
 
 def _select_stage(
@@ -232,6 +280,8 @@ def _compute_pairs(r: Round) -> dict[str, Any]:
         base_model_dir=r.base_model_dir,
         budget=r.config.max_length,
         excluded=r.excluded,
+        session_factory=r.session_factory,
+        judge=_judge_for(r.options),
     )
 
 
