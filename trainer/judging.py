@@ -28,7 +28,13 @@ from trainer.records import OutcomeRecord, context_key
 from trainer.sandbox import Sandbox
 from trainer.secrets import SecretScanner
 
-__all__ = ["JudgeOptions", "calibration_items", "judge_round", "load_alternatives"]
+__all__ = [
+    "JudgeOptions",
+    "calibration_items",
+    "judge_round",
+    "judge_settings",
+    "load_alternatives",
+]
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +236,21 @@ def judge_round(
         }
     )
     return built, funnel
+
+
+def judge_settings(settings: Any) -> dict[str, Any]:
+    """``RoundOptions``' judge fields as :class:`server.config.Settings` describes them
+    (``KAIZEN_JUDGE_*``); ``bundled`` is the bundled model's prepared directory."""
+    model = settings.judge_model
+    if model == "bundled":
+        from server.model_prep import bundled_model_dir
+
+        model = str(bundled_model_dir(settings.model_cache or settings.home / "models"))
+    return {
+        "judge_model": model,
+        "judge_min_agreement": settings.judge_min_agreement,
+        "judge_min_judged": settings.judge_min_judged,
+        "judge_calibration_items": settings.judge_calibration_items,
+        "judge_max_pairs": settings.judge_max_pairs,
+        "judge_pair_weight": settings.judge_pair_weight,
+    }

@@ -48,6 +48,7 @@ from server.store.governance import excluded_repositories
 from server.store.models import Adapter, ApiToken, Completion
 from trainer.config import TrainConfig
 from trainer.generate import GeneratorFactory
+from trainer.judging import judge_settings
 from trainer.pipeline import GateStep, Round, RoundOptions, RoundReport, run_stage, timed
 from trainer.records import load_outcome_records
 from trainer.stages import STAGES
@@ -259,6 +260,7 @@ def round_runner(
         n_resample=settings.train_resample,
         max_token_share=settings.train_max_token_share,
         max_fix_distance=settings.train_max_fix_distance,
+        **judge_settings(settings),  # KAIZEN_JUDGE_*: judge pairs where nothing executed
     )
     generator = vllm_generator_factory(settings, base_model_dir)
 

@@ -290,6 +290,10 @@ def _take_pairs(r: Round, built: dict[str, Any]) -> None:
     r.info = {pid: PairInfo(**i) for pid, i in built["info"].items()}
     r.dropped_records = built.get("dropped_records", {})
     r.funnel["pairs"] = built["funnel"]
+    # The judge's measured agreement with the sealed verdicts (None: no judge, or nothing to
+    # measure it on), beside the pairs it was allowed to make.
+    judge = built["funnel"].get("judge") or {}
+    r.funnel["judge_agreement"] = (judge.get("agreement") or {}).get("agreement")
 
 
 def _compute_selection(r: Round) -> dict[str, Any]:

@@ -328,6 +328,7 @@ def test_the_rounds_funnel_shows_the_judges_agreement(
     assert judge["agreement"]["judged"] == 7 and judge["agreement"]["agreement"] == 0.0
     assert judge["used"] is False and judge["pairs"] == 0
     assert report.funnel["pairs"]["pairs_by_source"].get("judge", 0) == 0
+    assert report.funnel["judge_agreement"] == 0.0
     with world() as session:
         stored = session.scalars(select(JudgeVerdictRow)).all()
     assert len(stored) == 7 and all(v.raw.startswith("api:") for v in stored)
@@ -361,3 +362,17 @@ def test_the_pairs_stage_adds_judge_pairs_of_a_trusted_judge(
 def load_records(factory: sessionmaker[Session]) -> list[Any]:
     with factory() as session:
         return load_outcome_records(session=session)
+
+
+def test_judge_settings_resolve_the_bundled_model(tmp_path: Path) -> None:
+    from server.config import Settings
+    from trainer.judging import judge_settings
+
+    off = judge_settings(Settings(home=tmp_path))
+    assert off["judge_model"] == "" and RoundOptions(**off).judge_model == ""
+    on = judge_settings(
+        Settings(home=tmp_path, judge_model="bundled", judge_min_agreement=0.9, judge_max_pairs=3)
+    )
+    assert on["judge_model"] == str(tmp_path / "models" / "qwen2.5-coder-0.5b-instruct")
+    options = RoundOptions(**on)
+    assert (options.judge_min_agreement, options.judge_max_pairs) == (0.9, 3)
