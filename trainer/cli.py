@@ -47,15 +47,43 @@ def train(
         help="Samples per tested context lacking a side "
         "(default: KAIZEN_TRAIN_RESAMPLE; 0 turns resampling off).",
     ),
-    select: bool = typer.Option(True, "--select/--no-select", help="CDAS selection."),
+    select: bool = typer.Option(None, "--select/--no-select", help="CDAS selection (default: on)."),
     gate: bool = typer.Option(
         None,
         "--gate/--no-gate",
         help="Gate the candidate afterwards and, if approved, make "
         "it the canary (default: KAIZEN_TRAIN_AUTO_GATE).",
     ),
+    method: str = typer.Option(
+        "dpo",
+        "--method",
+        help="dpo: DPO+NLL on the round's execution-verified pairs. grpo: outcome-gated GRPO "
+        "on self-contained tasks the sandbox runs (MBPP+ train), the judge's score counted "
+        "only for passing completions.",
+    ),
+    ungated: bool = typer.Option(
+        False,
+        "--ungated",
+        help="GRPO only: pay the judge's score whether or not the tests pass. Exists only to "
+        "show the difference (the process reward then gets hacked).",
+    ),
+    judge_model: str = typer.Option(
+        None, "--judge-model", help="GRPO only: the judge's model directory (default: the base)."
+    ),
 ) -> None:
-    """Run a training round now: records -> pairs -> selection -> DPO+NLL -> a candidate."""
+    """Run a training round now: records -> pairs -> selection -> DPO+NLL -> a candidate
+    (``--method grpo``: self-contained tasks -> outcome-gated GRPO -> a candidate)."""
+    try:
+        method_fields = method_options(
+            method,
+            ungated=ungated,
+            judge_model=judge_model,
+            watch=watch,
+            resample=resample,
+            select=select,
+        )
+    except ValueError as exc:
+        fail(str(exc))
     settings = get_settings()
     if gate is not None:
         settings = settings.model_copy(update={"train_auto_gate": gate})
@@ -65,10 +93,11 @@ def train(
     config = TrainConfig(
         max_steps=max_steps if max_steps is not None else settings.train_max_steps,
         max_length=settings.max_model_len,  # one budget: the serving context
+        **method_fields,
     )
     options = RoundOptions(
         n_resample=resample if resample is not None else settings.train_resample,
-        select=select,
+        select=select is not False,
         max_token_share=settings.train_max_token_share,
         max_fix_distance=settings.train_max_fix_distance,
     )
@@ -123,6 +152,44 @@ def train(
             typer.echo(f"  {change}")
     if report.status in ("stopped", "failed"):
         raise typer.Exit(1)
+
+
+def method_options(
+    method: str,
+    *,
+    ungated: bool = False,
+    judge_model: str | None = None,
+    watch: bool = False,
+    resample: int | None = None,
+    select: bool | None = None,
+) -> dict[str, object]:
+    """The :class:`TrainConfig` fields ``kaizen train``'s method options set; a ValueError that
+    says what to change for a combination that cannot work."""
+    if method not in ("dpo", "grpo"):
+        raise ValueError(f"--method must be 'dpo' or 'grpo', not {method!r}")
+    if method == "dpo":
+        given = [
+            flag for flag, on in (("--ungated", ungated), ("--judge-model", judge_model)) if on
+        ]
+        if given:
+            raise ValueError(f"{' and '.join(given)} apply to --method grpo only")
+        return {}
+    if watch:
+        raise ValueError(
+            "--watch runs DPO rounds when new CI verdicts arrive; a GRPO round trains on "
+            "self-contained tasks, so run it on demand (kaizen train --method grpo)"
+        )
+    given = [
+        f for f, v in (("--resample", resample), ("--select/--no-select", select)) if v is not None
+    ]
+    if given:
+        raise ValueError(
+            f"{' and '.join(given)} shape the pairs of a DPO round; a GRPO round has none"
+        )
+    fields: dict[str, object] = {"method": "grpo", "grpo_gated": not ungated}
+    if judge_model:
+        fields["grpo_judge_model"] = judge_model
+    return fields
 
 
 def gate_command(

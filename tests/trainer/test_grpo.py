@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.engine.lora import base_fingerprint
+from tests.trainer.test_cli import home  # noqa: F401 - the fixture: settings on the tiny model
 from tests.utils.tiny_model import build_tiny_model
 from trainer.config import TrainConfig
 from trainer.judge import JudgeItem, JudgeVerdict
@@ -299,3 +300,58 @@ def test_a_grpo_round_refuses_a_held_out_suite() -> None:
     with pytest.raises(ValueError, match="held out"):
         grpo_tasks(_grpo_config(grpo_suite="mbpp_dev"))
     assert len(grpo_tasks(_grpo_config(grpo_max_tasks=3))) == 3
+
+
+# -- kaizen train --method grpo ---------------------------------------------------------------
+
+
+def test_method_options_set_the_grpo_recipe_and_refuse_what_does_not_apply() -> None:
+    from trainer.cli import method_options
+
+    assert method_options("dpo") == {}
+    assert method_options("grpo") == {"method": "grpo", "grpo_gated": True}
+    assert method_options("grpo", ungated=True, judge_model="/models/judge") == {
+        "method": "grpo",
+        "grpo_gated": False,
+        "grpo_judge_model": "/models/judge",
+    }
+    TrainConfig(**method_options("grpo", ungated=True))  # a valid recipe
+    with pytest.raises(ValueError, match="'dpo' or 'grpo'"):
+        method_options("ppo")
+    with pytest.raises(ValueError, match="--ungated apply to --method grpo only"):
+        method_options("dpo", ungated=True)
+    with pytest.raises(ValueError, match="--judge-model apply to --method grpo only"):
+        method_options("dpo", judge_model="/models/judge")
+    with pytest.raises(ValueError, match="--watch"):
+        method_options("grpo", watch=True)
+    with pytest.raises(ValueError, match="--resample and --select/--no-select shape the pairs"):
+        method_options("grpo", resample=0, select=False)
+
+
+def test_kaizen_train_refuses_bad_method_combinations_before_it_starts() -> None:
+    from typer.testing import CliRunner
+
+    from kaizen.cli import app
+
+    runner = CliRunner()
+    for argv, message in [
+        (["train", "--ungated"], "--ungated apply to --method grpo only"),
+        (["train", "--method", "grpo", "--watch"], "--watch runs DPO rounds"),
+        (["train", "--method", "grpo", "--no-select"], "--select/--no-select shape the pairs"),
+        (["train", "--method", "sft"], "--method must be 'dpo' or 'grpo'"),
+    ]:
+        out = runner.invoke(app, argv)
+        assert out.exit_code == 1, (argv, out.output)
+        assert message in out.output, (argv, out.output)
+
+
+def test_kaizen_train_method_grpo_dry_run_lists_the_tasks(home: Path) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from kaizen.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--method", "grpo", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    assert "round (dry run): dry_run" in out.output
+    assert "suite: mbpp_train" in out.output and "pairs" not in out.output
+    assert not (home / "rounds").exists()
