@@ -361,7 +361,13 @@ class PackedPreferenceCollator:
             attention_weight=self.attention_weight,
             share_prompt=self.share_prompt,
         )
-        return batch.as_inputs()
+        inputs = batch.as_inputs()
+        if any("weight" in e for e in examples):
+            # Per pair, in the examples' order (pair i is sequences i and num_pairs + i).
+            inputs["pair_weights"] = torch.tensor(
+                [float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32
+            )
+        return inputs
 
 
 def token_logps(model: Any, batch: PackedBatch, *, fused_lm_head: bool = False) -> torch.Tensor:
@@ -438,15 +444,23 @@ def dpo_nll_loss(
     chosen_tokens: torch.Tensor | int,
     beta: float,
     nll_weight: float,
+    weights: torch.Tensor | None = None,
 ) -> DPONLLLoss:
     """CodeLutra's dual loss on summed completion log-probs, as TRL's ``["sigmoid", "sft"]``:
     ``-logsigmoid(beta * (chosen log-ratio - rejected log-ratio))`` averaged over pairs, plus
-    ``nll_weight`` times the chosen completions' NLL averaged over their tokens."""
+    ``nll_weight`` times the chosen completions' NLL averaged over their tokens. ``weights``
+    (per pair; None: all 1) scale each pair's terms in both: a judge pair weighs less than an
+    execution-verified one (``trainer.pairs.Pair.weight``)."""
     chosen_logratios = policy_chosen - reference_chosen
     rejected_logratios = policy_rejected - reference_rejected
-    dpo = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    w = (
+        torch.ones_like(policy_chosen)
+        if weights is None
+        else weights.to(device=policy_chosen.device, dtype=policy_chosen.dtype)
+    )
+    dpo = (-F.logsigmoid(beta * (chosen_logratios - rejected_logratios)) * w).mean()
     tokens = torch.as_tensor(chosen_tokens, device=policy_chosen.device).sum().clamp(min=1)
-    nll = -policy_chosen.sum() / tokens
+    nll = -(policy_chosen * w).sum() / tokens
     return DPONLLLoss(
         loss=dpo + nll_weight * nll,
         dpo=dpo,

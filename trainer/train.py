@@ -223,6 +223,12 @@ class KaizenDPOTrainer(AdapterTrainerMixin, DPOTrainer):
         if packing and self.loss_types != ["sigmoid", "sft"]:
             raise ValueError("packed batches implement loss_type=['sigmoid', 'sft'] only")
 
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.packing and "weight" not in self._signature_columns:
+            # Kept through TRL's column pruning: the packed collator hands it to the loss.
+            self._signature_columns = [*self._signature_columns, "weight"]
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)  # TRL's shuffled order
@@ -273,6 +279,7 @@ class KaizenDPOTrainer(AdapterTrainerMixin, DPOTrainer):
             chosen_tokens=target_counts(batch)[:n],
             beta=self.beta,
             nll_weight=self.nll_weight,
+            weights=inputs.get("pair_weights"),
         )
         self._count_tokens(batch.data_tokens, batch.num_tokens, batch.input_ids.numel())
         mode = "train" if self.model.training else "eval"
@@ -369,10 +376,21 @@ def train_adapter(
                 f"no pair fits max_length={config.max_length} (a completion alone is longer, "
                 "or a chat prompt); raise max_length"
             )
+        if not config.packing and any(p.weight != 1.0 for p in fitted.pairs):
+            raise ValueError(
+                "weighted pairs (judge pairs) need packed batches, where the loss applies the "
+                "weight; TRL's padded path would train them as execution pairs: set packing=True"
+            )
         model, peft_config = _load_model(base_model_dir, parent_adapter, config)
         dataset = Dataset.from_list(
             [
-                {"id": p.id, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+                {
+                    "id": p.id,
+                    "prompt": p.prompt,
+                    "chosen": p.chosen,
+                    "rejected": p.rejected,
+                    "weight": p.weight,  # judge pairs below 1 (packed batches apply it)
+                }
                 for p in fitted.pairs
             ]
         )
