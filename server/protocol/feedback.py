@@ -115,6 +115,21 @@ class CompletionOutcomeIn(_Strict):
     test_code: str | None = Field(None, max_length=MAX_TEXT)
 
 
+class ExecutabilityIn(_Strict):
+    """Would a completion's file run, where no test exercised it: the CI plugin's static check
+    (``kaizen_client.executability``) in the project's own environment. Never a verdict."""
+
+    completion_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(0, ge=0)
+    final_text: str = Field(max_length=MAX_TEXT)
+    parses: bool
+    imports: bool | None = None
+    api: bool | None = None
+    runs: bool | None = None
+    executable: bool
+    problems: list[str] = Field(default_factory=list, max_length=20)
+
+
 class OutcomeReport(_Strict):
     run_id: str = Field(min_length=1, max_length=256)
     repository: str = Field(min_length=1, max_length=512)
@@ -126,6 +141,8 @@ class OutcomeReport(_Strict):
     tests: list[TestResult] = Field(default_factory=list, max_length=100_000)
     log_tail: str = Field("", max_length=MAX_LOG_TAIL)
     completions: list[CompletionOutcomeIn] = Field(default_factory=list, max_length=10_000)
+    # Completions no test exercised, checked for executability in the project's environment.
+    executability: list[ExecutabilityIn] = Field(default_factory=list, max_length=10_000)
 
 
 class OutcomeResponse(BaseModel):

@@ -206,7 +206,7 @@ class FeedbackService:
         if not principal.covers(report.repository):
             raise _scope_error(principal, _normalised(report.repository), "report on")
         raw = report.model_dump(mode="json")
-        run = report.model_dump(exclude={"completions"})
+        run = report.model_dump(exclude={"completions", "executability"})
         run["tests"] = raw["tests"]
 
         def work() -> store.OutcomeResult:
@@ -218,6 +218,7 @@ class FeedbackService:
                     token_id=principal.token_id,
                     principal=principal,
                     completions=[c.model_dump() for c in report.completions],
+                    executability=[e.model_dump() for e in report.executability],
                 )
 
         await self._settle()

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import and_, case, distinct, func, select
 from sqlalchemy.orm import Session
 
+from server.store import signals
 from server.store.db import dialect_insert
 from server.store.models import (
     ApiToken,
@@ -269,13 +270,22 @@ def save_outcome(
     raw: dict[str, Any],
     token_id: int | None,
     principal: Principal | None = None,
+    executability: Sequence[dict[str, Any]] = (),
 ) -> OutcomeResult:
     """Store a CI run once (by repository and run id), as sent by ``token_id``, with its
-    attribution to the known completions that ``principal`` may report on (``None``: no checks)."""
-    served = served_records(session=session, ids=(c["completion_id"] for c in completions))
+    attribution to the known completions that ``principal`` may report on (``None``: no checks)
+    and the executability of those no test exercised (under the same rule)."""
+    served = served_records(
+        session=session,
+        ids=[c["completion_id"] for c in completions] + [e["completion_id"] for e in executability],
+    )
     allowed, refused = _refusals(completions, served, principal)
+    checked, refused_checks = _refusals(executability, served, principal)
+    refused += [r for r in refused_checks if r not in refused]
     result = OutcomeResult(
-        unknown_completion_ids=sorted({c["completion_id"] for c in completions} - served.keys()),
+        unknown_completion_ids=sorted(
+            {c["completion_id"] for c in [*completions, *executability]} - served.keys()
+        ),
         refused=refused,
     )
     try:
@@ -302,6 +312,15 @@ def save_outcome(
     session.commit()
     result.completions = len(rows)
     result.stored_by.update((c["status"], served[c["completion_id"]].adapter) for c in rows)
+    for item in checked:  # never a verdict: the trainer reads outcomes first
+        signals.record_executability(
+            session=session,
+            completion_id=item["completion_id"],
+            choice_index=item.get("choice_index", 0),
+            text=item["final_text"],
+            result=item,
+            checked_in="ci",
+        )
     return result
 
 
