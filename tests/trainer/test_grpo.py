@@ -252,6 +252,35 @@ def test_a_grpo_step_moves_the_lora_and_not_the_base(model_dir: Path, tmp_path: 
     assert check_adapter(result.adapter_dir, max_rank=16, base_sha256=sha) == 8
 
 
+def test_grpo_continues_a_parent_adapter_against_a_frozen_copy_of_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from tests.utils.tiny_model import build_random_lora
+    from trainer.grpo import train_grpo_adapter
+    from trainer.sandbox import Sandbox
+
+    parent = build_random_lora(model_dir, tmp_path / "parent", rank=8)
+    before = load_file(parent / "adapter_model.safetensors")
+    result = train_grpo_adapter(
+        base_model_dir=model_dir,
+        tasks=[ADD, NEG],
+        config=_grpo_config(max_steps=1, grpo_beta=0.1),  # KL towards the parent
+        judge=ScriptedJudge(lambda text: (len(text) % 5) / 4),
+        parent_adapter=parent,
+        output_dir=tmp_path / "child",
+        sandbox=Sandbox(workers=2),
+        progress=False,
+    )
+    assert result.adapter_dir is not None, result.stopped_reason
+    after = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert set(after) == set(before)  # the trained adapter only, not TRL's "ref" copy
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    assert manifest["parent_adapter"]["dir"] == str(parent.resolve())
+    assert manifest["reference"] == "parent adapter"
+    assert any("kl" in h for h in result.log_history)
+
+
 # -- a GRPO round: tasks -> train -> register, like a DPO round -------------------------------
 
 
