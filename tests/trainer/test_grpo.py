@@ -281,6 +281,50 @@ def test_grpo_continues_a_parent_adapter_against_a_frozen_copy_of_it(
     assert any("kl" in h for h in result.log_history)
 
 
+def test_an_interrupted_grpo_run_resumes_from_its_last_checkpoint(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    import logging
+
+    from tests.utils.tiny_model import build_random_lora
+    from trainer.grpo import KaizenGRPOTrainer, train_grpo_adapter
+    from trainer.sandbox import Sandbox
+
+    # With a parent and a KL term the checkpoints also hold TRL's frozen "ref" adapter.
+    parent = build_random_lora(model_dir, tmp_path / "parent", rank=8)
+    config = _grpo_config(max_steps=3, save_steps=1, grpo_beta=0.1)
+    original = KaizenGRPOTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    def run() -> Any:
+        return train_grpo_adapter(
+            base_model_dir=model_dir,
+            tasks=[ADD, NEG],
+            config=config,
+            judge=ScriptedJudge(lambda text: (len(text) % 5) / 4),
+            parent_adapter=parent,
+            output_dir=tmp_path / "run",
+            sandbox=Sandbox(workers=2),
+            progress=False,
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KaizenGRPOTrainer, "training_step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir() and not (tmp_path / "run" / "adapter").exists()
+    with caplog.at_level(logging.INFO, logger="trainer.grpo"):
+        resumed = run()
+    assert f"resume_from={checkpoint}" in caplog.text
+    assert resumed.steps == 3 and resumed.adapter_dir is not None
+    assert [e["step"] for e in resumed.log_history if "reward" in e] == [1, 2, 3]
+
+
 # -- a GRPO round: tasks -> train -> register, like a DPO round -------------------------------
 
 
