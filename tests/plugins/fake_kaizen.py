@@ -32,6 +32,17 @@ RUN_KEYS = {
 }
 TEST_KEYS = {"name", "status", "duration", "message"}
 COMPLETION_KEYS = {"completion_id", "choice_index", "file_path", "final_text", "status", "tests"}
+EXECUTABILITY_KEYS = {
+    "completion_id",
+    "choice_index",
+    "final_text",
+    "parses",
+    "imports",
+    "api",
+    "runs",
+    "executable",
+    "problems",
+}
 RUN_STATUSES = {"passed", "failed", "build_failed", "error"}
 TEST_STATUSES = {"passed", "failed", "error", "skipped"}
 
@@ -41,8 +52,11 @@ def report_problems(report: Any) -> list[str]:
     if not isinstance(report, dict):
         return ["not an object"]
     problems = []
-    if set(report) != RUN_KEYS:
-        problems.append(f"keys {sorted(set(report) ^ RUN_KEYS)}")
+    if set(report) - {"executability"} != RUN_KEYS:  # executability is optional
+        problems.append(f"keys {sorted((set(report) - {'executability'}) ^ RUN_KEYS)}")
+    for item in report.get("executability") or []:
+        if set(item) != EXECUTABILITY_KEYS or not isinstance(item["parses"], bool):
+            problems.append(f"executability {item!r}")
     if report.get("status") not in RUN_STATUSES:
         problems.append(f"status {report.get('status')!r}")
     for key in ("run_id", "repository", "commit"):

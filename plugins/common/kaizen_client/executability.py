@@ -20,10 +20,11 @@ import inspect
 import json
 import runpy
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Executability", "check_source", "main", "run_source"]
+__all__ = ["Executability", "check_source", "check_untested", "main", "run_source"]
 
 MAX_PROBLEMS = 20
 """Problems kept per file; the first ones are what a reader needs."""
@@ -289,6 +290,38 @@ def run_source(path: str, *, announce: bool = False) -> Executability:
     else:
         result.runs = True
     return result
+
+
+def check_untested(
+    located: Iterable[Any], completions: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The report's ``executability``: for each located completion (``ledger.Located``) that no
+    test exercised (its attributed ``tests`` are empty), the static check of the Python file it
+    sits in, in this process's environment (each file checked once)."""
+    untested = {(c["completion_id"], c["choice_index"]) for c in completions if not c["tests"]}
+    by_path: dict[Any, Executability | None] = {}
+    out = []
+    for item in located:
+        if item.key not in untested or item.path.suffix not in (".py", ".pyi"):
+            continue
+        if item.path not in by_path:
+            try:
+                source = item.path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                by_path[item.path] = None
+            else:
+                by_path[item.path] = check_source(source, filename=str(item.path))
+        result = by_path[item.path]
+        if result is not None:
+            out.append(
+                {
+                    "completion_id": item.entry.completion_id,
+                    "choice_index": item.entry.choice_index,
+                    "final_text": item.final_text,
+                    **result.to_json(),
+                }
+            )
+    return out
 
 
 def _print(result: Executability) -> None:

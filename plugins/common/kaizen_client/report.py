@@ -230,10 +230,13 @@ def build_report(
     tests: Sequence[TestResult] = (),
     log_tail: str = "",
     completions: Sequence[dict[str, Any]] = (),
+    executability: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The outcome report, exactly the protocol's keys."""
+    """The outcome report, exactly the protocol's keys (``executability`` only when there is
+    any: the completions no test exercised, checked by :mod:`kaizen_client.executability`)."""
     if status not in RUN_STATUSES:
         raise ValueError(f"run status must be one of {RUN_STATUSES}, not {status!r}")
+    extra = {"executability": list(executability)} if executability else {}
     return {
         "run_id": run_id,
         "repository": repository,
@@ -245,6 +248,7 @@ def build_report(
         "tests": [test.to_dict() for test in tests],
         "log_tail": tail_text(log_tail),
         "completions": list(completions),
+        **extra,
     }
 
 

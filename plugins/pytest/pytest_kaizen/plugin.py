@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from kaizen_client.client import KaizenClient
 from kaizen_client.collect import Completions, collect_completions, settings_from
+from kaizen_client.executability import check_untested
 from kaizen_client.explore import DEFAULT_BUDGET, DEFAULT_K, MAX_K, explore, recover
 from kaizen_client.ledger import Located
 from kaizen_client.report import (
@@ -92,6 +93,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SECONDS",
         help="most time exploration may take, server calls and test runs together "
         f"(default: $KAIZEN_EXPLORE_BUDGET, else {DEFAULT_BUDGET:g})",
+    )
+    group.addoption(
+        "--kaizen-no-executability",
+        action="store_true",
+        default=False,
+        help="do not check the files of completions no test exercised (parse, imports, API "
+        "use in this environment) for the report",
     )
 
 
@@ -392,6 +400,7 @@ class KaizenReporter:
             f"exit status {exitstatus}: {status}\n".encode()
         )
         attributed = attribute(found.located, status, self.executed if per_test else None, statuses)
+        executability = self._executability(found.located, attributed) if per_test else []
         report = build_report(
             run_id=detect_run_id(),
             repository=found.repository,
@@ -403,6 +412,7 @@ class KaizenReporter:
             tests=results,
             log_tail=self.log.text(),
             completions=attributed,
+            executability=executability,
         )
         warnings: list[str] = []
         delivery = deliver(
@@ -427,6 +437,20 @@ class KaizenReporter:
             return  # no server: nothing to explore with
         if per_test and status in ("passed", "failed"):
             self._explore(found, report, attributed, results)
+
+    def _executability(
+        self, located: list[Located], attributed: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Completions no test exercised: does their file still parse, import and bind its API
+        calls in this environment? Off with ``--kaizen-no-executability``; a failure of the
+        check is one line, never the session's."""
+        if self.config.getoption("kaizen_no_executability", False):
+            return []
+        try:
+            return check_untested(located, attributed)
+        except Exception as exc:  # noqa: BLE001 - the plugin never fails the session
+            self.summary.append(f"kaizen: executability check skipped: {exc}")
+            return []
 
     def _explore(
         self,
