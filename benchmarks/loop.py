@@ -405,6 +405,14 @@ def print_table(results: dict[str, Any]) -> None:
             r = evals[label][suite]
             cells.append(f"{100 * r['pass_at_1']:>9.1f}%")
         print(f"{suite:<{width}} {n:>5} " + " ".join(cells))
+    # Beside pass@1: the share whose program parses, resolves its API use and runs (a pass is).
+    print(f"\nexecutability rate ({', '.join(labels)})")
+    for suite in SUITES:
+        if suite not in evals.get("base", {}):
+            continue
+        rates = [evals[label][suite].get("executability_rate") for label in labels]
+        cells = [f"{'-':>10}" if x is None else f"{100 * x:>9.1f}%" for x in rates]
+        print(f"{suite:<{width}} {evals['base'][suite]['n']:>5} " + " ".join(cells))
     for entry in results["rounds"]:
         comparison = entry.get("comparison_vs_base")
         if not comparison:
