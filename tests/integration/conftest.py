@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,12 @@ class TinyWorld:
     lora_a: Path
     lora_b: Path
     lora_big: Path  # rank 32: over the engine's limit of 16
+    # Settings that differ from the tiny model's on vLLM (the bundled model on llama.cpp).
+    settings: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> str:
+        return str(self.settings.get("engine", "vllm"))
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +49,31 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
         lora_a=build_random_lora(model_dir, root / "lora-a", seed=1),
         lora_b=build_random_lora(model_dir, root / "lora-b", seed=2),
         lora_big=build_random_lora(model_dir, root / "lora-big", rank=32, seed=3),
+    )
+
+
+@pytest.fixture(scope="session")
+def bundled_llama_world(
+    bundled_model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TinyWorld:
+    """The CPU default: the bundled model on the llama.cpp engine, with LoRAs of its shape."""
+    from server.model_prep import ensure_bundled_gguf, prepare_bundled_model
+
+    model_dir = prepare_bundled_model(bundled_model_cache)
+    ensure_bundled_gguf(bundled_model_cache)
+    root = tmp_path_factory.mktemp("bundled")
+    return TinyWorld(
+        model_dir=model_dir,
+        lora_a=build_random_lora(model_dir, root / "lora-a", seed=1),
+        lora_b=build_random_lora(model_dir, root / "lora-b", seed=2),
+        lora_big=build_random_lora(model_dir, root / "lora-big", rank=32, seed=3),
+        settings={
+            "model": "bundled",
+            "model_cache": bundled_model_cache,
+            "engine": "llama_cpp",
+            "kv_cache_gib": 0.5,
+            "enforce_eager": False,
+        },
     )
 
 
@@ -60,6 +91,7 @@ def tiny_settings(home: Path, world: TinyWorld, **overrides: object) -> Settings
         "default_max_tokens": 16,
         "auth_cache_seconds": 0,
     }
+    values.update(world.settings)
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
 
