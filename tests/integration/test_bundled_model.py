@@ -1,4 +1,5 @@
-"""The bundled model (Qwen2.5-Coder-0.5B-Instruct) served end to end: one short FIM completion."""
+"""The bundled model (Qwen2.5-Coder-0.5B-Instruct) served end to end: one short FIM completion,
+on each engine (llama.cpp, the CPU default, on its GGUF; vLLM on the bfloat16 checkpoint)."""
 
 from __future__ import annotations
 
@@ -18,20 +19,26 @@ from tests.utils.live_server import live_server
 pytestmark = [pytest.mark.bundled_model, pytest.mark.timeout(3600)]
 
 
-def test_bundled_model_completes_a_fim_prompt(bundled_model_cache: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["auto", "vllm"])
+def test_bundled_model_completes_a_fim_prompt(
+    bundled_model_cache: Path, tmp_path: Path, engine: str
+) -> None:
     settings = Settings(
         _env_file=None,
         home=tmp_path,
         model="bundled",  # type: ignore[call-arg]
         model_cache=bundled_model_cache,
         kv_cache_gib=0.5,
+        engine=engine,
     )
     upgrade(settings.database_url)
     db = make_engine(settings.database_url)
     with make_session_factory(db)() as session:
         _, secret = create_token(session=session, name="ide", role=Role.IDE)
     app = create_app(settings)
+    expected = "LlamaCppEngine" if engine == "auto" else "VllmEngine"  # auto: this CPU host
     with live_server(app) as server:
+        assert type(app.state.completion_service.engine).__name__ == expected
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["qwen2.5-coder-0.5b-instruct"]
         response = client.completions.create(
