@@ -35,7 +35,10 @@ from trainer.tasks import Task
 
 MBPP_PATH = None  # the bundled MBPP+ (toy suites load none of it)
 
-GREEDY = GateConfig(samples=1, temperature=0.0)  # one deterministic answer per task: toy tests
+# One deterministic answer per task: toy tests. The executability rate costs a sandbox run per
+# failing completion, so it is on only where a test asserts it.
+GREEDY = GateConfig(samples=1, temperature=0.0, executability=False)
+WITH_EXECUTABILITY = GateConfig(samples=1, temperature=0.0)
 
 # -- decide -----------------------------------------------------------------------------------
 
@@ -426,7 +429,9 @@ def test_a_better_candidate_is_approved_with_its_evaluation_stored(
     path = _register(session_factory, "kaizen-r1-good", tmp_path)
     generator = ScriptedGenerator(good={path})
     with caplog.at_level(logging.INFO, logger="trainer.gate"):
-        result = _gate(session_factory, "kaizen-r1-good", generator, sandbox)
+        result = _gate(
+            session_factory, "kaizen-r1-good", generator, sandbox, config=WITH_EXECUTABILITY
+        )
 
     assert result.decision == "approved", result.reasons
     assert result.baseline is None
