@@ -155,6 +155,7 @@ class TransformersJudge:
         max_new_tokens: int = 24,
         batch_size: int = 4,
         prompt_version: str = PROMPT_VERSION,
+        progress: bool = False,
     ) -> None:
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be at least 1")
@@ -163,6 +164,7 @@ class TransformersJudge:
         self.prompt_version = prompt_version
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.progress = progress
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -201,8 +203,11 @@ class TransformersJudge:
         import torch
 
         model, tokenizer = self._load()
+        from tqdm import tqdm
+
         verdicts: list[JudgeVerdict] = []
-        for start in range(0, len(items), self.batch_size):
+        starts = range(0, len(items), self.batch_size)
+        for start in tqdm(starts, desc="judge", unit="batch", disable=not self.progress):
             batch = items[start : start + self.batch_size]
             prompts = [self._render(tokenizer, item) for item in batch]
             encoded = tokenizer(
