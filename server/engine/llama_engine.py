@@ -11,9 +11,12 @@ How it serves:
   they arrive (an editor sends one at a time and cancels what the user typed past). A request
   whose client went away before its turn is skipped; one cancelled mid-stream stops at the next
   token.
-* Consecutive requests reuse the key/value cache of the longest prompt prefix they share with
-  the previous one (the same file typed into), so only the new tokens are computed
-  (:func:`reusable_prefix` says when).
+* A request reuses the key/value cache of the longest prompt prefix it shares with an earlier
+  one (the same file typed into), so only the new tokens are computed
+  (:func:`reusable_prefix` says when). Besides the context's own cache, the engine keeps the
+  caches of the last few requests (:class:`PrefixStates`, a copy of each sequence's keys and
+  values), so developers taking turns do not evict each other's files: a stateless server
+  keeps only the last one.
 * Prompts are the service's token ids (the checkpoint's tokenizer, as with vLLM); output text is
   decoded with the same tokenizer, stop strings are cut like vLLM cuts them, and the model stops
   on the checkpoint's end-of-sequence tokens (``generation_config.json``), as vLLM does.
@@ -27,6 +30,7 @@ How it serves:
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -90,9 +94,22 @@ def eos_token_ids(model_dir: Path) -> set[int]:
     return {int(i) for i in ids}
 
 
+# How many requests' caches the engine keeps besides the context's own (each is the keys and
+# values of one prompt: for the bundled model about 12 KB a token, at most 25 MB).
+PREFIX_STATES = 8
 # A cached prefix shorter than this is not worth reusing: evaluating a few tokens again costs
 # little, and it keeps short prompts on the same (full) evaluation path every time.
 MIN_PREFIX_REUSE = 32
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    shared = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
 
 
 def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> bool:
@@ -103,12 +120,7 @@ def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> bool:
     the last bits from the same token's computed inside a batch, which can flip a greedy choice
     between near-equal tokens. A prompt seen whole before is therefore evaluated whole again,
     so that repeating a request repeats its greedy output exactly."""
-    shared = 0
-    for a, b in zip(cached, prompt, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return MIN_PREFIX_REUSE <= shared < len(prompt)
+    return MIN_PREFIX_REUSE <= shared_prefix(cached, prompt) < len(prompt)
 
 
 class StopStringStream:
@@ -157,6 +169,53 @@ class StopStringStream:
 
 
 @dataclass
+class _Saved:
+    """A sequence's key/value cache, copied out of the context after a request."""
+
+    adapter: object | None  # the _Adapter it was computed with (None: the base model)
+    tokens: list[int]
+    data: Any  # ctypes byte array from llama_state_seq_get_data
+    size: int
+
+
+class PrefixStates:
+    """The caches of the last ``capacity`` requests, most recent last; the one sharing the
+    longest prefix with a new prompt is loaded back into the context."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._saved: list[_Saved] = []
+
+    def best(self, adapter: object | None, prompt: Sequence[int]) -> tuple[_Saved | None, int]:
+        """The saved cache of ``adapter`` sharing the longest prefix with ``prompt``, and that
+        length."""
+        best, best_len = None, 0
+        for saved in self._saved:
+            if saved.adapter is not adapter:
+                continue
+            shared = shared_prefix(saved.tokens, prompt)
+            if shared > best_len:
+                best, best_len = saved, shared
+        return best, best_len
+
+    def add(self, saved: _Saved) -> None:
+        # A newer cache of the same file supersedes one it extends.
+        self._saved = [
+            s
+            for s in self._saved
+            if not (s.adapter is saved.adapter and s.tokens == saved.tokens[: len(s.tokens)])
+        ]
+        self._saved.append(saved)
+        del self._saved[: max(0, len(self._saved) - self.capacity)]
+
+    def drop(self, adapter: object) -> None:
+        self._saved = [s for s in self._saved if s.adapter is not adapter]
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+
+@dataclass
 class _Adapter:
     info: AdapterInfo
     gguf_path: Path
@@ -193,6 +252,10 @@ class LlamaCppEngine(HfTokenMethods):
         )
         self._lora_dir = Path(tempfile.mkdtemp(prefix="kaizen-llama-lora-"))
         self._lora_ids = itertools.count(1)
+        self._states = PrefixStates(PREFIX_STATES)
+        # Where each request's prompt cache came from: "context" (the previous request's),
+        # "saved" (an earlier one's, loaded back) or "none" (the whole prompt evaluated).
+        self.prefix_cache_uses: collections.Counter[str] = collections.Counter()
         self._rng = random.Random(settings.seed)
         self._ready = False
 
@@ -331,6 +394,7 @@ class LlamaCppEngine(HfTokenMethods):
             return
         if self._on_context is adapter:
             self._set_adapter(None)
+        self._states.drop(adapter)
         llama_cpp.llama_adapter_lora_free(adapter.handle)
         adapter.handle = None
         adapter.gguf_path.unlink(missing_ok=True)
@@ -420,8 +484,8 @@ class LlamaCppEngine(HfTokenMethods):
         params = job.params
         seed = params.seed + index if params.seed is not None else self._rng.randrange(2**31)
         self._llama.set_seed(seed)
-        if index == 0 and not reusable_prefix(self._llama._input_ids, job.prompt):
-            self._llama.reset()  # evaluate the whole prompt
+        if index == 0:
+            self._restore_prefix(job)
         stream = StopStringStream(self._decode, params.stop)
         stop_ids = set(params.stop_token_ids)
         room = self.max_model_len - len(job.prompt)
@@ -463,6 +527,8 @@ class LlamaCppEngine(HfTokenMethods):
             finish = "length"
         if not by_stop_string:
             text += stream.flush()
+        if index == 0:
+            self._save_prefix(job.adapter)
         job.emit(
             [
                 ChoiceDelta(
@@ -475,6 +541,49 @@ class LlamaCppEngine(HfTokenMethods):
             ]
         )
         return True
+
+    def _restore_prefix(self, job: _Job) -> None:
+        """Before a request: keep the context's cache, load a saved one that shares more of the
+        prompt, or start from nothing (see :func:`reusable_prefix`)."""
+        import llama_cpp
+
+        assert self._llama is not None
+        live = list(self._llama._input_ids)
+        saved, saved_len = self._states.best(job.adapter, job.prompt)
+        if saved is not None and saved_len > shared_prefix(live, job.prompt):
+            if reusable_prefix(saved.tokens, job.prompt):
+                self._llama.reset()
+                ctx = self._llama.ctx
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                if llama_cpp.llama_state_seq_set_data(ctx, saved.data, saved.size, 0):
+                    self._llama.input_ids[: len(saved.tokens)] = saved.tokens
+                    self._llama.n_tokens = len(saved.tokens)
+                    self.prefix_cache_uses["saved"] += 1
+                    return
+                log.warning("event=prefix_state_refused engine=llama_cpp tokens=%d", saved_len)
+            self._llama.reset()
+            self.prefix_cache_uses["none"] += 1
+            return
+        if reusable_prefix(live, job.prompt):
+            self.prefix_cache_uses["context"] += 1
+        else:
+            self._llama.reset()  # evaluate the whole prompt
+            self.prefix_cache_uses["none"] += 1
+
+    def _save_prefix(self, adapter: _Adapter | None) -> None:
+        """After a request: copy the context's cache (its prompt and output) for later."""
+        import llama_cpp
+
+        assert self._llama is not None
+        tokens = [int(t) for t in self._llama._input_ids]
+        if len(tokens) < MIN_PREFIX_REUSE:
+            return
+        ctx = self._llama.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        data = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, data, size, 0)
+        if written:
+            self._states.add(_Saved(adapter=adapter, tokens=tokens, data=data, size=written))
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

@@ -17,7 +17,7 @@ import pytest
 from server.config import Settings
 from server.engine.base import ChoiceDelta, GenerationParams, UnknownAdapterError
 from server.engine.gguf_lora import convert_peft_lora
-from server.engine.llama_engine import LlamaCppEngine
+from server.engine.llama_engine import PREFIX_STATES, LlamaCppEngine, PrefixStates
 from server.engine.lora import AdapterRejectedError
 from server.model_prep import ensure_bundled_gguf, prepare_bundled_model
 from tests.utils.tiny_model import build_random_lora
@@ -246,3 +246,41 @@ def test_a_cancelled_stream_stops_and_the_next_request_is_unaffected(
     # Were the cancelled request still generating its 400 tokens, this one would wait for it;
     # either way its output must be the fresh greedy one.
     assert _text(asyncio.run(_collect(engine, PROMPT, stop=["\n"], max_tokens=32))) == expected
+
+
+FILE = (
+    "<|fim_prefix|>import math\n\n\ndef area(radius: float) -> float:\n"
+    '    """The area of a circle of the given radius."""\n    return math.pi * radius ** 2\n\n\n'
+    "def circumference(radius: float) -> float:\n"
+    '    """The circumference of a circle of the given radius."""\n'
+)
+
+
+def _fim(prefix_tail: str) -> str:
+    return f"{FILE}    {prefix_tail}<|fim_suffix|>\n<|fim_middle|>"
+
+
+def test_a_file_typed_into_again_after_another_reuses_its_saved_cache(
+    engine: LlamaCppEngine,
+) -> None:
+    other = (
+        "<|fim_prefix|>" + "class Stack:\n    def __init__(self):\n        self.items = []\n" * 3
+    )
+    # The reference: the file evaluated whole, then typed further on top of that cache. (The
+    # saved caches are emptied before each half, so the second cannot find the first's.)
+    engine._states = PrefixStates(PREFIX_STATES)
+    asyncio.run(_collect(engine, other + "<|fim_suffix|><|fim_middle|>"))  # no shared prefix
+    asyncio.run(_collect(engine, _fim("")))
+    reference = _text(asyncio.run(_collect(engine, _fim("ret"), max_tokens=12)))
+    assert "math.pi" in reference or "2" in reference, reference
+
+    # The same, with another developer's request in between: their file now fills the context,
+    # and the first file's cache comes back from the saved states.
+    engine._states = PrefixStates(PREFIX_STATES)
+    asyncio.run(_collect(engine, other + "<|fim_suffix|><|fim_middle|>"))
+    asyncio.run(_collect(engine, _fim("")))
+    asyncio.run(_collect(engine, other + "    def push(self, item):<|fim_suffix|><|fim_middle|>"))
+    before = engine.prefix_cache_uses["saved"]
+    again = _text(asyncio.run(_collect(engine, _fim("ret"), max_tokens=12)))
+    assert engine.prefix_cache_uses["saved"] == before + 1
+    assert again == reference

@@ -160,3 +160,23 @@ def test_a_cache_is_reused_only_for_a_long_prefix_short_of_the_whole_prompt() ->
     assert not reusable_prefix(long, long)  # the whole prompt again: evaluated whole
     assert not reusable_prefix(long[: MIN_PREFIX_REUSE - 1], long)  # too short to pay
     assert not reusable_prefix([], long)
+
+
+def test_saved_prefix_states_pick_the_longest_shared_prefix_of_the_same_adapter() -> None:
+    from server.engine.llama_engine import PrefixStates, _Saved
+
+    states = PrefixStates(capacity=2)
+    a, b = object(), object()
+    states.add(_Saved(adapter=None, tokens=[1, 2, 3], data=None, size=0))
+    states.add(_Saved(adapter=a, tokens=[1, 2, 3, 4, 5], data=None, size=0))
+    saved, shared = states.best(None, [1, 2, 3, 4, 9])
+    assert saved is not None and saved.tokens == [1, 2, 3] and shared == 3
+    assert states.best(a, [1, 2, 3, 4, 9])[1] == 4
+    assert states.best(b, [1, 2, 3])[0] is None
+    # A cache that extends an older one of the same file replaces it; the oldest goes first.
+    states.add(_Saved(adapter=None, tokens=[1, 2, 3, 7], data=None, size=0))
+    assert len(states) == 2
+    states.add(_Saved(adapter=None, tokens=[8, 9], data=None, size=0))
+    assert len(states) == 2 and states.best(a, [1, 2, 3, 4])[0] is None
+    states.drop(a)
+    assert states.best(None, [1, 2, 3, 7, 1])[1] == 4
