@@ -25,6 +25,7 @@ __all__ = [
     "PROMPT_VERSION",
     "QUESTIONS",
     "Agreement",
+    "GeneratorJudge",
     "Judge",
     "JudgeItem",
     "JudgeVerdict",
@@ -32,6 +33,7 @@ __all__ = [
     "build_prompt",
     "measure_agreement",
     "parse_answers",
+    "render_prompt",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,20 @@ def build_prompt(item: JudgeItem) -> str:
     )
 
 
+def render_prompt(tokenizer: Any, item: JudgeItem) -> str:
+    """The judge's whole prompt for ``item``: the chat template (when the tokenizer has one)
+    around :func:`build_prompt`, ending with the reply begun (``api:``)."""
+    user = build_prompt(item)
+    if getattr(tokenizer, "chat_template", None):
+        messages = [
+            {"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": user},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text) + _REPLY_START
+    return f"{_SYSTEM}\n\n{user}\n{_REPLY_START}"
+
+
 class TransformersJudge:
     """:class:`Judge` over a local Hugging Face causal LM directory: greedy, batched, on the CPU
     unless CUDA is there. An instruct model's chat template is used when it has one, and the
@@ -185,17 +201,7 @@ class TransformersJudge:
         return self._model, self._tokenizer
 
     def _render(self, tokenizer: Any, item: JudgeItem) -> str:
-        user = build_prompt(item)
-        if getattr(tokenizer, "chat_template", None):
-            messages = [
-                {"role": "system", "content": _SYSTEM},
-                {"role": "user", "content": user},
-            ]
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return str(text) + _REPLY_START
-        return f"{_SYSTEM}\n\n{user}\n{_REPLY_START}"
+        return render_prompt(tokenizer, item)
 
     def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
         if not items:
@@ -227,6 +233,45 @@ class TransformersJudge:
                 verdicts.append(JudgeVerdict(answers=parse_answers(raw), raw=raw))
         log.info("judge.done name=%s items=%d", self.name, len(items))
         return verdicts
+
+
+class GeneratorJudge:
+    """:class:`Judge` over a :class:`trainer.generate.Generator` (vLLM on a GPU host, where a
+    larger coder can judge): the same prompt and reply start as :class:`TransformersJudge`,
+    greedy, all items in one batch. ``tokenizer_dir``: the judge model's tokenizer (its chat
+    template)."""
+
+    def __init__(
+        self,
+        generator: Any,
+        tokenizer_dir: Path,
+        *,
+        name: str | None = None,
+        max_new_tokens: int = 24,
+        prompt_version: str = PROMPT_VERSION,
+    ) -> None:
+        self.generator = generator
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.name = name or self.tokenizer_dir.name
+        self.prompt_version = prompt_version
+        self.max_new_tokens = max_new_tokens
+        self._tokenizer: Any = None
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[JudgeVerdict]:
+        if not items:
+            return []
+        from trainer.generate import GenerationRequest
+
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        requests = [GenerationRequest(render_prompt(self._tokenizer, item)) for item in items]
+        outputs = self.generator.generate(
+            requests, n=1, temperature=0.0, max_tokens=self.max_new_tokens, seed=0
+        )
+        raws = [_REPLY_START + texts[0] for texts in outputs]
+        return [JudgeVerdict(answers=parse_answers(raw), raw=raw) for raw in raws]
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,16 @@ model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from trainer.judge import (
     PROMPT_VERSION,
     QUESTIONS,
+    GeneratorJudge,
     JudgeItem,
     JudgeVerdict,
     TransformersJudge,
@@ -128,3 +131,33 @@ def test_transformers_judge_on_the_tiny_model(tiny_model: Path) -> None:
     # Greedy: the same items give the same replies, batched or not.
     again = TransformersJudge(tiny_model, max_new_tokens=12, batch_size=3).judge(items)
     assert [v.raw for v in again] == [v.raw for v in verdicts]
+
+
+class ScriptedGenerator:
+    """Answers every request with ``reply``; records the requests and the sampling."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.calls: list[tuple[list[Any], dict[str, Any]]] = []
+
+    def generate(self, requests: Sequence[Any], **kwargs: Any) -> list[list[str]]:
+        self.calls.append((list(requests), kwargs))
+        return [[self.reply] for _ in requests]
+
+    def close(self) -> None:
+        pass
+
+
+def test_generator_judge_asks_greedily_and_parses_strictly(tiny_model: Path) -> None:
+    generator = ScriptedGenerator(" yes\nconsistent: no\nruns: maybe")
+    judge = GeneratorJudge(generator, tiny_model, name="vllm-judge", max_new_tokens=20)
+    items = [JudgeItem("def f(x):\n    ", "return x", "\n"), JudgeItem("x = ", "1", "")]
+    verdicts = judge.judge(items)
+    assert [v.answers for v in verdicts] == [{"api": True, "consistent": False, "runs": None}] * 2
+    assert verdicts[0].raw == "api: yes\nconsistent: no\nruns: maybe"
+    ((requests, kwargs),) = generator.calls
+    assert kwargs["temperature"] == 0.0 and kwargs["n"] == 1 and kwargs["max_tokens"] == 20
+    # The same prompt the transformers judge renders: chat template, reply begun with "api:".
+    assert all(r.suffix is None and r.prompt.endswith("assistant\napi:") for r in requests)
+    assert "<completion>return x</completion>" in requests[0].prompt
+    assert judge.judge([]) == [] and len(generator.calls) == 1
