@@ -101,7 +101,7 @@ class SealedReward:
     """TRL's reward function: the sealed outcome of each completion, its format and (where the
     rule lets it count) the judge's score, combined by ``rule``. TRL passes the dataset's
     ``task_id`` column. Each call's counts go to TRL's log (``log_metric``) under ``outcome/``,
-    ``format/`` and ``process/``, and to :attr:`calls`."""
+    ``format/`` and ``process/``, beside TRL's own ``reward``."""
 
     __name__ = "sealed"  # TRL's metric name: rewards/sealed/mean
 
@@ -119,7 +119,6 @@ class SealedReward:
         self.sandbox = sandbox
         self.judge = judge
         self.rule = rule
-        self.calls: list[dict[str, float]] = []
 
     def components(
         self, task_ids: Sequence[str], completions: Sequence[str], ids: Sequence[Sequence[int]]
@@ -162,22 +161,17 @@ class SealedReward:
         scores = [c.process for c in components if c.process is not None]
         n = len(components)
         counts = {
-            "reward/mean": sum(rewards) / n,
             "outcome/pass_rate": sum(c.passed for c in components) / n,
             "format/rate": sum(c.format for c in components) / n,
-            "process/judged": float(sum(1 for i, c in enumerate(components) if self._asked(c))),
+            # Completions shown to the judge: gated, the passing ones only.
+            "process/judged": float(sum(self.rule.needs_process(c.passed) for c in components)),
         }
         if scores:
             counts["process/mean"] = sum(scores) / len(scores)
-        self.calls.append(counts)
         if log_metric is not None:
             for name, value in counts.items():
-                if name != "reward/mean":  # TRL logs its own "reward"
-                    log_metric(name, value)
+                log_metric(name, value)
         return rewards
-
-    def _asked(self, c: Components) -> bool:
-        return self.judge is not None and self.rule.needs_process(c.passed)
 
 
 class KaizenGRPOTrainer(AdapterTrainerMixin, GRPOTrainer):
