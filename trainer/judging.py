@@ -214,6 +214,17 @@ def judge_round(
     runnable = {
         a.id: bool(c.parses and c.api is not False) for a, c in zip(python, checks, strict=True)
     }
+    # Where CI checked the text in the project's own environment, that check decides.
+    with session_factory() as session:
+        ci = signals.executability_checks(
+            session=session,
+            completion_ids=sorted({a.completion_id for a in candidates}),
+            checked_in="ci",
+        )
+    for a in candidates:
+        row = ci.get((a.completion_id, a.choice_index, signals.text_sha256(a.text)))
+        if row is not None:
+            runnable[a.id] = row.executable
     built = build_judge_pairs(
         candidates,
         {a.id: v for a, v in zip(candidates, calls, strict=True)},

@@ -26,6 +26,7 @@ from server.store.models import (
 
 __all__ = [
     "choices_without_outcome",
+    "executability_checks",
     "judge_verdicts",
     "record_executability",
     "record_judge_verdicts",
@@ -129,6 +130,24 @@ def judge_verdicts(*, session: Session, completion_ids: Sequence[str]) -> list[J
             .order_by(JudgeVerdictRow.id)
         )
     )
+
+
+def executability_checks(
+    *, session: Session, completion_ids: Sequence[str], checked_in: str
+) -> dict[tuple[str, int, str], CompletionExecutability]:
+    """The checks of these completions made in one environment, by (completion id, choice
+    index, text sha256); the newest wins."""
+    if not completion_ids:
+        return {}
+    rows = session.scalars(
+        select(CompletionExecutability)
+        .where(
+            CompletionExecutability.completion_id.in_(list(completion_ids)),
+            CompletionExecutability.checked_in == checked_in,
+        )
+        .order_by(CompletionExecutability.id)
+    )
+    return {(r.completion_id, r.choice_index, r.text_sha256): r for r in rows}
 
 
 def choices_without_outcome(

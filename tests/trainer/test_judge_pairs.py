@@ -252,6 +252,34 @@ def test_an_agreeing_judge_makes_pairs_only_where_nothing_executed(
     assert by_text[text_sha256("return math.pi * r ** 2")].executable is True
 
 
+def test_a_ci_check_in_the_projects_environment_vetoes_a_chosen_text(
+    world: sessionmaker[Session],
+) -> None:
+    from server.store.signals import record_executability
+
+    with world() as session:
+        records = load_outcome_records(session=session)
+        # CI found the text the judge likes does not import in the project.
+        record_executability(
+            session=session,
+            completion_id="open-1",
+            choice_index=0,
+            text="return math.pi * r ** 2",
+            result={"parses": True, "imports": False, "api": True, "executable": False},
+            checked_in="ci",
+        )
+    correct = {f"return a + b  # {n}" for n in (0, 2, 4)} | {"return 3", "return math.pi * r ** 2"}
+    built, funnel = judge_round(
+        session_factory=world,
+        records=records,
+        judge=ScriptedJudge(correct),
+        options=OPTIONS,
+        sandbox=Sandbox(workers=1),
+    )
+    assert funnel["used"] is True and built is not None and built.pairs == []
+    assert built.funnel["dropped"]["not_executable"] == 1
+
+
 def test_a_judge_below_the_agreement_threshold_makes_no_pairs(
     world: sessionmaker[Session],
 ) -> None:
