@@ -212,6 +212,41 @@ def test_a_round_that_stopped_early_shows_what_it_reached(
     assert 'data-step="pairs" data-count=""' in page.text and "No canary is running" in page.text
 
 
+def test_a_rounds_judge_agreement_is_shown(
+    client: TestClient, auth: dict[str, dict[str, str]], session_factory, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    judge = {
+        "judge": "qwen2.5-coder-0.5b-instruct",
+        "prompt_version": "q3-v2",
+        "agreement": {"judged": 64, "agreement": 0.3906, "majority": 0.6094},
+        "min_agreement": 0.75,
+        "used": False,
+        "pairs": 0,
+    }
+    with session_factory() as s:
+        row = start_round(
+            session=s,
+            trigger="schedule",
+            records_until=datetime.now(UTC),
+            parent_adapter_id=None,
+            work_dir=str(tmp_path),
+            config={},
+        )
+        update_round(
+            session=s,
+            round_id=row.id,
+            status="dry_run",
+            funnel={"pairs": {"pairs": 3, "judge": judge}, "judge_agreement": 0.3906},
+        )
+    [r] = client.get("/v1/rounds", headers=auth["ops"]).json()["data"]
+    assert r["funnel"]["judge_agreement"] == 0.3906
+    page = client.get("/dashboard", headers=auth["ops"])
+    assert page.status_code == 200
+    assert 'class="judge" data-used="false" data-agreement="0.3906"' in page.text
+    assert "39.1%" in page.text and "of 64 sealed verdicts" in page.text
+    assert "needs 75%" in page.text and "no judge pairs" in page.text
+
+
 def test_vendored_files_match_their_recorded_checksums() -> None:
     import hashlib
     import re
