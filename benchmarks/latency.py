@@ -10,8 +10,8 @@ greedy, each server alone on the machine in turn:
   (``--keystroke-ms`` apart), each cancelling the one before it if it is still running, as the
   extension does. Consecutive requests share the file's prefix. The latency that counts is the
   last request's (the one the developer waits for), from its keystroke to its last token.
-* ``concurrent``: ``--users`` developers at once, each sending single-line requests one after
-  another.
+* ``concurrent``: ``--users`` developers typing at once, each into their own file (their share
+  of the tasks, one after another), as in ``typing``.
 
 Servers (``--servers``):
 
@@ -207,15 +207,16 @@ async def run_sequential(
 
 
 async def run_concurrent(
-    target: Target, tokenizer: Any, tasks: Sequence[EditorTask], *, users: int, max_tokens: int
+    target: Target, tokenizer: Any, tasks: Sequence[EditorTask], args: argparse.Namespace
 ) -> list[Sample]:
-    async def user(mine: Sequence[EditorTask]) -> list[Sample]:
-        return await run_sequential(
-            target, tokenizer, mine, single_line=True, max_tokens=max_tokens
-        )
+    """``args.users`` developers typing at once, each their own share of the tasks."""
 
-    shares = [tasks[i::users] for i in range(users)]
-    done = await asyncio.gather(*(user(share) for share in shares))
+    async def developer(mine: Sequence[EditorTask]) -> list[Sample]:
+        async with httpx.AsyncClient(base_url=target.url, timeout=600, trust_env=False) as client:
+            return [await type_line(client, target, tokenizer, task, args) for task in mine]
+
+    shares = [tasks[i :: args.users] for i in range(args.users)]
+    done = await asyncio.gather(*(developer(share) for share in shares))
     return [sample for share in done for sample in share]
 
 
@@ -224,15 +225,12 @@ async def type_line(
     target: Target,
     tokenizer: Any,
     task: EditorTask,
-    *,
-    every: int,
-    most: int,
-    keystroke_s: float,
-    max_tokens: int,
+    args: argparse.Namespace,
 ) -> Sample:
-    """A request per keystroke point of ``task``'s line, each cancelling the one still
+    """A request per keystroke point of ``task``'s line (``args.keystroke_chars`` apart, at
+    most ``args.keystrokes``, ``args.keystroke_ms`` between them), each cancelling the one still
     running; returns the last request's sample (the one the developer waits for)."""
-    prefixes = keystroke_prefixes(task, every, most)
+    prefixes = keystroke_prefixes(task, args.keystroke_chars, args.keystrokes)
     running: asyncio.Task[Sample] | None = None
     cancelled = 0
     for i, prefix in enumerate(prefixes):
@@ -241,10 +239,10 @@ async def type_line(
             with contextlib.suppress(asyncio.CancelledError):
                 await running
             cancelled += 1
-        body = target.body(prefix, task.suffix, single_line=True, max_tokens=max_tokens)
+        body = target.body(prefix, task.suffix, single_line=True, max_tokens=args.max_tokens)
         running = asyncio.create_task(one(client, target, tokenizer, task.task_id, body))
         if i < len(prefixes) - 1:
-            await asyncio.sleep(keystroke_s)
+            await asyncio.sleep(args.keystroke_ms / 1000)
     assert running is not None
     last = await running
     last.cancelled = cancelled
@@ -399,11 +397,7 @@ def measure(
         by_server: dict[str, list[Sample]] = {t.name: [] for t in targets}
         if scenario == "concurrent":
             for target in targets:
-                by_server[target.name] = asyncio.run(
-                    run_concurrent(
-                        target, tokenizer, tasks, users=args.users, max_tokens=args.max_tokens
-                    )
-                )
+                by_server[target.name] = asyncio.run(run_concurrent(target, tokenizer, tasks, args))
         else:
             asyncio.run(_interleaved(scenario, targets, tokenizer, tasks, args, by_server))
         for target in targets:
@@ -435,16 +429,7 @@ async def _interleaved(
             for target in [*targets[i % len(targets) :], *targets[: i % len(targets)]]:
                 client = clients[target.name]
                 if scenario == "typing":
-                    sample = await type_line(
-                        client,
-                        target,
-                        tokenizer,
-                        task,
-                        every=args.keystroke_chars,
-                        most=args.keystrokes,
-                        keystroke_s=args.keystroke_ms / 1000,
-                        max_tokens=args.max_tokens,
-                    )
+                    sample = await type_line(client, target, tokenizer, task, args)
                 else:
                     single = scenario == "single"
                     body = target.body(
