@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "grpo_gating",
         "commit": git_commit(),
         "command": " ".join(
-            [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
+            ["benchmarks/grpo_gating.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "args": vars(args),
         "model": str(model.path),
