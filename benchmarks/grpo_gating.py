@@ -54,6 +54,7 @@ COLUMNS = {
     "format": "format/rate",
     "judge": "process/mean",
     "judged": "process/judged",
+    "seconds": "step_time",  # TRL's: generation, sandbox, judge and the update
 }
 
 
@@ -103,10 +104,16 @@ def _fmt(value: float | None, width: int = 6) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}.3f}"
 
 
+def _seconds(value: float | None) -> str:
+    return f"{'-':>6}" if value is None else f"{value:>6.0f}"
+
+
 def table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Per step, for each mode: mean reward, sealed pass rate, judge's mean score."""
+    """Per step, for each mode: mean reward, sealed pass rate, judge's mean score, seconds."""
     modes = list(runs)
-    head = "step  " + "  ".join(f"{m + ' reward':>14} {'pass':>6} {'judge':>6}" for m in modes)
+    head = "step  " + "  ".join(
+        f"{m + ' reward':>14} {'pass':>6} {'judge':>6} {'s':>6}" for m in modes
+    )
     lines = [head, "-" * len(head)]
     steps = sorted({row["step"] for rows in runs.values() for row in rows})
     for step in steps:
@@ -114,7 +121,8 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
         for mode in modes:
             row = next((r for r in runs[mode] if r["step"] == step), {})
             cells.append(
-                f"{_fmt(row.get('reward'), 14)} {_fmt(row.get('pass'))} {_fmt(row.get('judge'))}"
+                f"{_fmt(row.get('reward'), 14)} {_fmt(row.get('pass'))} "
+                f"{_fmt(row.get('judge'))} {_seconds(row.get('seconds'))}"
             )
         lines.append(f"{step:>4}  " + "  ".join(cells))
     means = []
@@ -122,7 +130,8 @@ def table(runs: dict[str, list[dict[str, Any]]]) -> str:
         rows = runs[mode]
         means.append(
             f"{_fmt(_mean([r['reward'] for r in rows]), 14)} "
-            f"{_fmt(_mean([r['pass'] for r in rows]))} {_fmt(_mean([r['judge'] for r in rows]))}"
+            f"{_fmt(_mean([r['pass'] for r in rows]))} {_fmt(_mean([r['judge'] for r in rows]))} "
+            f"{_seconds(_mean([r.get('seconds') for r in rows]))}"
         )
     lines.append("mean  " + "  ".join(means))
     return "\n".join(lines)

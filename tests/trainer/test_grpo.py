@@ -434,15 +434,17 @@ def test_the_gating_benchmark_reads_the_steps_from_the_trainers_log() -> None:
     from benchmarks.grpo_gating import _steps, table
 
     history = [
-        {"step": 1, "reward": 1.5, "outcome/pass_rate": 0.25, "format/rate": 1.0},
+        {"step": 1, "reward": 1.5, "outcome/pass_rate": 0.25, "format/rate": 1.0, "step_time": 7},
         {"step": 2, "reward": 2.0, "outcome/pass_rate": 0.5, "process/mean": 0.75},
         {"step": 2, "train_runtime": 3.0},  # the run's summary, not a step
     ]
     rows = _steps(history)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["judge"] is None and rows[1]["judge"] == 0.75 and rows[1]["pass"] == 0.5
+    assert rows[0]["seconds"] == 7.0 and rows[1]["seconds"] is None
     text = table({"gated": rows, "ungated": rows[:1]})
     lines = text.splitlines()
     assert "gated reward" in lines[0] and "ungated reward" in lines[0]
-    assert lines[3].split()[:4] == ["2", "2.000", "0.500", "0.750"]  # ungated has no step 2
-    assert lines[-1].split() == ["mean", "1.750", "0.375", "0.750", "1.500", "0.250", "-"]
+    assert lines[3].split()[:5] == ["2", "2.000", "0.500", "0.750", "-"]  # no step_time
+    assert lines[3].split()[5:] == ["-"] * 4  # ungated has no step 2
+    assert lines[-1].split() == ["mean", "1.750", "0.375", "0.750", "7", "1.500", "0.250", "-", "7"]
