@@ -182,7 +182,8 @@ class TrainConfig:
         default="",
         metadata={
             "help": "The judge's model directory (trainer.judge.TransformersJudge); empty: the "
-            "base model, as on a CPU host. On a GPU host a larger coder judges better."
+            "round's judge (KAIZEN_JUDGE_MODEL), else the base model, as on a CPU host. On a "
+            "GPU host a larger coder judges better."
         },
     )
     grpo_suite: str = field(

@@ -472,7 +472,8 @@ def _train_grpo(r: Round) -> dict[str, Any]:
 
     if r.train_processes > 1:
         log.warning("event=grpo_one_process train_processes=%d", r.train_processes)
-    judge_dir = Path(r.config.grpo_judge_model or r.base_model_dir)
+    # The recipe's judge, else the round's (KAIZEN_JUDGE_MODEL), else the policy's own base.
+    judge_dir = Path(r.config.grpo_judge_model or r.options.judge_model or r.base_model_dir)
     judge = TransformersJudge(judge_dir) if r.config.grpo_process_weight > 0 else None
     result = train_grpo_adapter(
         base_model_dir=r.base_model_dir,
