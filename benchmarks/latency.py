@@ -326,6 +326,9 @@ def start_llama_server(
         "--n_threads", str(threads),
         "--n_threads_batch", str(threads),
         "--n_ctx", str(n_ctx),
+        # Its default lets a new request cut the running one short, another developer's too:
+        # every request must get its whole completion, as from Kaizen.
+        "--interrupt_requests", "False",
     ]  # fmt: skip
     process = ServerProcess(
         "llama.cpp", command, env=server_env(), cwd=workdir, log_path=workdir / "server.log"
