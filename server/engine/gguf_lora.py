@@ -86,18 +86,13 @@ def convert_peft_lora(adapter_dir: Path, out_path: Path, *, architecture: str) -
         AdapterRejectedError: the adapter is not one the engine can serve (see the module doc).
     """
     import gguf
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     _check_config(config, adapter_dir)
-    try:
-        # bfloat16 has no numpy dtype; safetensors' numpy loader refuses it, torch reads it.
-        tensors = load_file(str(adapter_dir / WEIGHTS))
-    except (TypeError, ValueError):
-        from safetensors.torch import load_file as load_torch
-
-        tensors = {k: v.float().numpy() for k, v in load_torch(str(adapter_dir / WEIGHTS)).items()}
+    # Through torch: numpy has no bfloat16, in which adapters may be saved.
+    tensors = {k: v.float().numpy() for k, v in load_file(str(adapter_dir / WEIGHTS)).items()}
     named: dict[str, np.ndarray] = {}
     for key, value in sorted(tensors.items()):
         named[gguf_tensor_name(key)] = np.ascontiguousarray(value, dtype=np.float32)

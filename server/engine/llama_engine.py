@@ -443,7 +443,7 @@ class LlamaCppEngine(HfTokenMethods):
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
         job = _Job(prompt=list(prompt_token_ids), params=params, adapter=chosen, emit=emit)
-        future = loop.run_in_executor(self._worker, self._run, job)
+        loop.run_in_executor(self._worker, self._run, job)  # _run reports its own errors
         try:
             while True:
                 item = await queue.get()
@@ -455,7 +455,6 @@ class LlamaCppEngine(HfTokenMethods):
         finally:
             job.cancelled.set()
             # A job still queued or running sees the flag and stops; it releases its adapter.
-            del future
             log.debug("event=generate_end engine=llama_cpp request_id=%s", request_id)
 
     def _run(self, job: _Job) -> None:
@@ -527,8 +526,6 @@ class LlamaCppEngine(HfTokenMethods):
             finish = "length"
         if not by_stop_string:
             text += stream.flush()
-        if index == 0:
-            self._save_prefix(job.adapter)
         job.emit(
             [
                 ChoiceDelta(
@@ -540,6 +537,8 @@ class LlamaCppEngine(HfTokenMethods):
                 )
             ]
         )
+        if index == 0:
+            self._save_prefix(job.adapter)  # after the last delta: the client is not kept waiting
         return True
 
     def _restore_prefix(self, job: _Job) -> None:

@@ -243,8 +243,10 @@ def test_a_cancelled_stream_stops_and_the_next_request_is_unaffected(
         return seen
 
     assert asyncio.run(cancel_early()) == 2
-    # Were the cancelled request still generating its 400 tokens, this one would wait for it;
-    # either way its output must be the fresh greedy one.
+    # The worker runs one job at a time, so this runs once the cancelled one has stopped: had it
+    # gone on to its 400 tokens, the context would hold them.
+    evaluated = asyncio.run(engine._on_worker(lambda: engine._llama.n_tokens))
+    assert evaluated < len(engine.tokenize(LONG)) + 50, evaluated
     assert _text(asyncio.run(_collect(engine, PROMPT, stop=["\n"], max_tokens=32))) == expected
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from server.config import Settings
 from server.engine import select
+from server.engine.base import EngineError
 from server.engine.gguf_lora import effective_alpha, gguf_tensor_name
 from server.engine.llama_engine import StopStringStream, eos_token_ids
 from server.engine.lora import AdapterRejectedError
@@ -145,7 +146,7 @@ def test_llama_cpp_asked_for_but_not_installed_says_what_to_do(
     import server.engine.llama_engine as llama_engine
 
     monkeypatch.setattr(llama_engine, "llama_cpp_available", lambda: False)
-    with pytest.raises(Exception, match="'cpu' extra"):
+    with pytest.raises(EngineError, match="'cpu' extra"):
         select.engine_kind(_settings(engine="llama_cpp"))
     monkeypatch.setattr(select, "has_gpu", lambda: False)
     assert select.engine_kind(_settings(model="bundled")) == "vllm"
